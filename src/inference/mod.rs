@@ -1,0 +1,248 @@
+//! The inference worker: one OS thread owns the model and serves every conversation of every
+//! platform, fairly, streaming text back. It knows nothing of chat platforms.
+
+pub mod loader;
+pub mod model;
+pub mod stop;
+pub mod testmodel;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+pub use loader::{LoadError, LoadOptions, LoadedModel, WeightFormat, load, load_from_settings};
+pub use model::{LlamaModel, LlamaShape, SeqCache};
+pub use worker::{Worker, WorkerOptions};
+
+/// How to pick each next token. Temperature 0 is greedy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub repetition_penalty: f32,
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+
+    pub fn from_settings(s: &crate::config::SamplingSettings) -> Self {
+        Self {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p,
+            repetition_penalty: s.repetition_penalty,
+            repeat_last_n: s.repeat_last_n as usize,
+            seed: s.seed,
+        }
+    }
+
+    fn processor(&self) -> LogitsProcessor {
+        let seed = if self.seed == 0 {
+            // A fresh seed per reply unless one is configured.
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(42)
+        } else {
+            self.seed
+        };
+        let t = self.temperature;
+        let sampling = if t <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match (self.top_k, self.top_p < 1.0) {
+                (0, false) => Sampling::All { temperature: t },
+                (0, true) => Sampling::TopP { p: self.top_p, temperature: t },
+                (k, false) => Sampling::TopK { k, temperature: t },
+                (k, true) => Sampling::TopKThenTopP { k, p: self.top_p, temperature: t },
+            }
+        };
+        LogitsProcessor::from_sampling(seed, sampling)
+    }
+}
+
+/// What the worker is asked to do.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Conversation id, for fairness and for reusing its attention cache.
+    pub conversation: String,
+    /// Prompt token ids, BOS first.
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    /// Text that ends the reply (never shown), besides the end-of-sequence token.
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Eos,
+    Stop,
+    Length,
+    Cancelled,
+    Error,
+}
+
+/// The record at the end of every generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationResult {
+    pub text: String,
+    pub finish: FinishReason,
+    pub error: Option<String>,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose computation was reused from the conversation's cache.
+    pub reused_tokens: usize,
+    pub completion_tokens: usize,
+    pub queue_time: Duration,
+    pub prefill_time: Duration,
+    pub time_to_first_token: Option<Duration>,
+    pub decode_time: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// Waiting; `position` 1 is next.
+    Queued { position: usize },
+    /// The worker took the request; `serial` counts starts across all requests.
+    Started { serial: u64 },
+    Delta(String),
+    Finished(GenerationResult),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the model is busy: {waiting} requests are already waiting")]
+    Busy { waiting: usize },
+    #[error("the prompt has {tokens} tokens; the context window is {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the inference worker has stopped")]
+    Stopped,
+}
+
+impl WorkerError {
+    /// Busy clears by itself; the others do not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, WorkerError::Busy { .. })
+    }
+}
+
+/// Cancels one generation from anywhere; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The caller's side of one generation. Dropping it cancels the generation.
+pub struct GenerationHandle {
+    events: tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>,
+    cancel: CancelToken,
+    position: Arc<AtomicUsize>,
+}
+
+impl GenerationHandle {
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.events.recv().await
+    }
+
+    /// For callers outside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<GenerationEvent> {
+        self.events.blocking_recv()
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    /// Place in the queue: 1 = next, 0 = running or done.
+    pub fn queue_position(&self) -> usize {
+        self.position.load(Ordering::Acquire)
+    }
+
+    /// Waits for the end, collecting the text; for scripts and tests.
+    pub async fn finish(mut self) -> GenerationResult {
+        while let Some(ev) = self.next().await {
+            if let GenerationEvent::Finished(r) = ev {
+                return r;
+            }
+        }
+        stopped_result()
+    }
+
+    pub fn blocking_finish(mut self) -> GenerationResult {
+        while let Some(ev) = self.blocking_next() {
+            if let GenerationEvent::Finished(r) = ev {
+                return r;
+            }
+        }
+        stopped_result()
+    }
+}
+
+impl Drop for GenerationHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn stopped_result() -> GenerationResult {
+    GenerationResult {
+        text: String::new(),
+        finish: FinishReason::Error,
+        error: Some(WorkerError::Stopped.to_string()),
+        prompt_tokens: 0,
+        reused_tokens: 0,
+        completion_tokens: 0,
+        queue_time: Duration::ZERO,
+        prefill_time: Duration::ZERO,
+        time_to_first_token: None,
+        decode_time: Duration::ZERO,
+    }
+}
+
+/// Sets the CPU thread count for candle. It reads the variables once, on first use, so this
+/// must run at start-up before any other thread exists.
+///
+/// # Safety
+/// Changes the process environment: call before any thread is spawned.
+pub unsafe fn set_cpu_threads(threads: usize) {
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        threads
+    };
+    // SAFETY: the caller guarantees no other thread reads the environment concurrently.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}

@@ -1,0 +1,159 @@
+//! Stop rules over streamed text: a stop string may arrive split across tokens, so text that
+//! could still become one is held back and never shown.
+
+/// Accumulates decoded text and releases what can no longer turn into a stop string.
+#[derive(Debug, Clone)]
+pub struct StopScanner {
+    stops: Vec<String>,
+    text: String,
+    emitted: usize,
+    started: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scan {
+    /// Text safe to show now (may be empty).
+    Emit(String),
+    /// A stop string appeared; this is the last text to show.
+    Stop(String),
+}
+
+impl StopScanner {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            text: String::new(),
+            emitted: 0,
+            started: false,
+        }
+    }
+
+    pub fn push(&mut self, piece: &str) -> Scan {
+        if !self.started {
+            // A reply starts after "ASSISTANT:"; leading blanks are not part of it.
+            let trimmed = piece.trim_start();
+            if trimmed.is_empty() {
+                return Scan::Emit(String::new());
+            }
+            self.started = true;
+            self.text.push_str(trimmed);
+        } else {
+            self.text.push_str(piece);
+        }
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.emitted.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min()
+        {
+            let out = self.text[self.emitted.min(at)..at].to_string();
+            self.text.truncate(at);
+            self.emitted = at;
+            return Scan::Stop(out);
+        }
+        // Trailing blanks wait for what follows them, so a reply never ends in them.
+        let hold = self.held_back();
+        let upto = (self.text.len() - hold).min(self.text.trim_end().len());
+        if upto <= self.emitted {
+            return Scan::Emit(String::new());
+        }
+        let out = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        Scan::Emit(out)
+    }
+
+    /// Length of the longest end of the text that begins some stop string.
+    fn held_back(&self) -> usize {
+        let mut best = 0;
+        for stop in &self.stops {
+            for len in (1..stop.len()).rev() {
+                if len <= best {
+                    break;
+                }
+                if self.text.ends_with(&stop[..len]) {
+                    best = len;
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    /// At the end of generation: whatever was held back and is not a stop after all, without
+    /// trailing blanks.
+    pub fn finish(&mut self) -> String {
+        let end = self.text.trim_end().len().max(self.emitted);
+        let out = self.text[self.emitted..end].to_string();
+        self.emitted = end;
+        self.text.truncate(end);
+        out
+    }
+
+    /// All text shown so far.
+    pub fn text(&self) -> &str {
+        &self.text[..self.emitted]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops() -> Vec<String> {
+        crate::prompt::ROLE_STOPS.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(pieces: &[&str]) -> (Vec<String>, bool, String) {
+        let mut s = StopScanner::new(&stops());
+        let mut out = Vec::new();
+        let mut stopped = false;
+        for p in pieces {
+            match s.push(p) {
+                Scan::Emit(t) => out.push(t),
+                Scan::Stop(t) => {
+                    out.push(t);
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        if !stopped {
+            out.push(s.finish());
+        }
+        (out, stopped, s.text().to_string())
+    }
+
+    #[test]
+    fn stop_split_over_pieces_is_never_shown() {
+        let cases: &[(&[&str], &str, bool)] = &[
+            (&[" Hello", " there", "\n", "US", "ER", ":", " more"], "Hello there", true),
+            (&["Hi", "\nASS", "ISTANT:"], "Hi", true),
+            (&["a\nSYSTEM: x"], "a", true),
+            (&["Use", "\nUS", "B", " sticks"], "Use\nUSB sticks", false),
+            (&["ok", "\n", "\n"], "ok", false),
+            (&["  ", " lead"], "lead", false),
+        ];
+        for (pieces, want, want_stop) in cases {
+            let (deltas, stopped, text) = run(pieces);
+            assert_eq!(text, *want, "{pieces:?}");
+            assert_eq!(deltas.concat(), *want, "{pieces:?}");
+            assert_eq!(stopped, *want_stop, "{pieces:?}");
+            for d in &deltas {
+                assert!(!d.contains("USER:") && !d.contains("ASSISTANT:") && !d.contains("SYSTEM:"), "{d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_is_held_without_a_possible_stop() {
+        let mut s = StopScanner::new(&stops());
+        assert_eq!(s.push("Hello"), Scan::Emit("Hello".into()));
+        assert_eq!(s.push(" world\n"), Scan::Emit(" world".into()));
+        assert_eq!(s.push("Next"), Scan::Emit("\nNext".into()));
+    }
+}

@@ -1,0 +1,11 @@
+//! synthia-bot: a self-hosted daemon that puts a local Synthia-7B into Discord, Matrix and the
+//! terminal, with persistent memory.
+//!
+//! The shape: adapters turn platform events into [`core::Incoming`] and give the core a
+//! [`core::ReplySink`]; the core stores turns in [`memory`], builds the prompt with [`prompt`] and
+//! streams from the one [`inference`] worker. The core never imports an adapter.
+
+pub mod config;
+pub mod inference;
+pub mod memory;
+pub mod prompt;
