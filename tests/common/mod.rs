@@ -1,0 +1,76 @@
+//! Helpers shared by the whole-flow tests: the real Llama-2 tokenizer and seeded random models.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use synthia_bot::inference::testmodel::{self, GgufPreset};
+
+pub const SEED: u64 = 7;
+
+pub fn tokenizer_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama2-tokenizer/tokenizer.json")
+}
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("models")
+}
+
+/// Writes `name` once (tests run in parallel processes: write aside, then rename into place).
+fn once(name: &str, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let target = models_dir().join(name);
+    if target.exists() {
+        return target;
+    }
+    std::fs::create_dir_all(models_dir()).unwrap();
+    let scratch = models_dir().join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    write(&scratch).unwrap();
+    let from = if name.ends_with(".gguf") { scratch.join(name) } else { scratch.clone() };
+    if std::fs::rename(&from, &target).is_err() && !target.exists() {
+        panic!("could not place test model {name}");
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    target
+}
+
+/// The tiny random Llama in the Hugging Face layout (f32, one file).
+pub fn tiny_hf() -> PathBuf {
+    once("tiny-hf", |dir| {
+        let shape = testmodel::named_shape("tiny").unwrap();
+        testmodel::write_hf_dir(dir, &shape, SEED, &tokenizer_path(), 1, DType::F32)
+    })
+}
+
+/// The same weights in three shards with an index.
+pub fn tiny_sharded() -> PathBuf {
+    once("tiny-sharded", |dir| {
+        let shape = testmodel::named_shape("tiny").unwrap();
+        testmodel::write_hf_dir(dir, &shape, SEED, &tokenizer_path(), 3, DType::F32)
+    })
+}
+
+/// The same weights as GGUF, with the tokenizer beside it.
+pub fn tiny_gguf(preset: &str) -> PathBuf {
+    let dir = once(&format!("tiny-gguf-{preset}"), |dir| {
+        let shape = testmodel::named_shape("tiny").unwrap();
+        std::fs::copy(tokenizer_path(), dir.join("tokenizer.json"))?;
+        testmodel::write_gguf(&dir.join("model.gguf"), &shape, SEED, GgufPreset::parse(preset).unwrap())
+    });
+    dir.join("model.gguf")
+}
+
+/// A copy of the tiny model directory to break in one test.
+pub fn broken_copy(tmp: &Path) -> PathBuf {
+    let src = tiny_hf();
+    let dst = tmp.join("model");
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+    dst
+}
