@@ -6,6 +6,8 @@ CREATE TABLE conversations (
     channel        TEXT    NOT NULL,
     thread         TEXT    NOT NULL DEFAULT '',
     created_at     INTEGER NOT NULL,
+    -- A DM (or the terminal): its one user owns it; group conversations put names on user lines.
+    private        INTEGER NOT NULL DEFAULT 0,
     -- Context boundary written by `reset`: prompts only see messages with a larger id.
     reset_after    INTEGER NOT NULL DEFAULT 0,
     -- Chunked-trim boundary: kept so the prompt's beginning stays the same for several turns.

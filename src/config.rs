@@ -379,7 +379,10 @@ impl Settings {
             .map_err(|e| ConfigError::new("", e.to_string()))?;
         let settings: Settings = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::new(if key == "." { String::new() } else { key }, clean_serde_message(&e.into_inner().to_string()))
+            ConfigError::new(
+                if key == "." { String::new() } else { key },
+                clean_serde_message(&e.into_inner().to_string()),
+            )
         })?;
         settings.validate()?;
         Ok(settings)
@@ -389,10 +392,16 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.model;
         if m.context_length < 64 {
-            return Err(ConfigError::new("model.context_length", "must be at least 64"));
+            return Err(ConfigError::new(
+                "model.context_length",
+                "must be at least 64",
+            ));
         }
         if m.max_new_tokens == 0 {
-            return Err(ConfigError::new("model.max_new_tokens", "must be at least 1"));
+            return Err(ConfigError::new(
+                "model.max_new_tokens",
+                "must be at least 1",
+            ));
         }
         if m.max_new_tokens >= m.context_length {
             return Err(ConfigError::new(
@@ -404,10 +413,12 @@ impl Settings {
             ));
         }
         if m.queue_capacity == 0 {
-            return Err(ConfigError::new("model.queue_capacity", "must be at least 1"));
+            return Err(ConfigError::new(
+                "model.queue_capacity",
+                "must be at least 1",
+            ));
         }
-        parse_size(&m.kv_cache_budget)
-            .map_err(|e| ConfigError::new("model.kv_cache_budget", e))?;
+        parse_size(&m.kv_cache_budget).map_err(|e| ConfigError::new("model.kv_cache_budget", e))?;
         if !m.path.is_empty() && !m.repo.is_empty() {
             return Err(ConfigError::new(
                 "model.repo",
@@ -416,10 +427,16 @@ impl Settings {
         }
         let s = &self.sampling;
         if !(0.0..=5.0).contains(&s.temperature) || s.temperature.is_nan() {
-            return Err(ConfigError::new("sampling.temperature", "must be between 0 and 5 (0 = greedy)"));
+            return Err(ConfigError::new(
+                "sampling.temperature",
+                "must be between 0 and 5 (0 = greedy)",
+            ));
         }
         if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            return Err(ConfigError::new("sampling.top_p", "must be greater than 0 and at most 1"));
+            return Err(ConfigError::new(
+                "sampling.top_p",
+                "must be greater than 0 and at most 1",
+            ));
         }
         if !(s.repetition_penalty > 0.0 && s.repetition_penalty <= 10.0) {
             return Err(ConfigError::new(
@@ -429,13 +446,22 @@ impl Settings {
         }
         let p = &self.prompt;
         if !(p.trim_to >= 0.1 && p.trim_to <= 1.0) {
-            return Err(ConfigError::new("prompt.trim_to", "must be between 0.1 and 1"));
+            return Err(ConfigError::new(
+                "prompt.trim_to",
+                "must be between 0.1 and 1",
+            ));
         }
         if p.max_message_chars == 0 {
-            return Err(ConfigError::new("prompt.max_message_chars", "must be at least 1"));
+            return Err(ConfigError::new(
+                "prompt.max_message_chars",
+                "must be at least 1",
+            ));
         }
         if self.memory.database.trim().is_empty() {
-            return Err(ConfigError::new("memory.database", "must name a SQLite file or sqlite:// URL"));
+            return Err(ConfigError::new(
+                "memory.database",
+                "must name a SQLite file or sqlite:// URL",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", format!("not a valid filter: {e}")))?;
@@ -448,7 +474,10 @@ impl Settings {
         if self.matrix.enabled {
             let mx = &self.matrix;
             if mx.homeserver.trim().is_empty() {
-                return Err(ConfigError::new("matrix.homeserver", "required when matrix.enabled = true"));
+                return Err(ConfigError::new(
+                    "matrix.homeserver",
+                    "required when matrix.enabled = true",
+                ));
             }
             if !mx.user_id.starts_with('@') || !mx.user_id.contains(':') {
                 return Err(ConfigError::new(
@@ -490,13 +519,17 @@ const LIST_KEYS: &[&str] = &[
     "matrix.access.admin_roles",
 ];
 
-fn file_source(path: &Path) -> Result<config::File<config::FileSourceFile, config::FileFormat>, ConfigError> {
+fn file_source(
+    path: &Path,
+) -> Result<config::File<config::FileSourceFile, config::FileFormat>, ConfigError> {
     // Parse first so a syntax error names the file and line, not a generic failure.
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
     toml::from_str::<toml::Table>(&text)
         .map_err(|e| ConfigError::new("", format!("{} is not valid TOML: {e}", path.display())))?;
-    Ok(config::File::from(path).format(config::FileFormat::Toml).required(true))
+    Ok(config::File::from(path)
+        .format(config::FileFormat::Toml)
+        .required(true))
 }
 
 fn clean_serde_message(message: &str) -> String {
@@ -506,7 +539,9 @@ fn clean_serde_message(message: &str) -> String {
 /// Parses sizes such as `1GiB`, `512MiB`, `300MB` or a plain byte count.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num
         .parse()
@@ -519,7 +554,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mib" => 1024.0 * 1024.0,
         "g" | "gb" => 1e9,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KiB, MiB or GiB)"
+            ));
+        }
     };
     Ok((value * factor) as u64)
 }
@@ -535,7 +574,11 @@ mod tests {
         Settings::load(&Sources {
             base: None,
             file: Some(path),
-            env: Some(env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
         })
     }
 
@@ -551,17 +594,53 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let cases: &[(&str, &str, &str)] = &[
-            ("[model]\nbogus = 1\n", "model.bogus", "unknown field `bogus`"),
-            ("[nonsense]\nx = 1\n", "nonsense", "unknown field `nonsense`"),
-            ("[model]\nmax_new_tokens = \"many\"\n", "model.max_new_tokens", "invalid"),
-            ("[model]\nmax_new_tokens = 4096\n", "model.max_new_tokens", "less than model.context_length"),
+            (
+                "[model]\nbogus = 1\n",
+                "model.bogus",
+                "unknown field `bogus`",
+            ),
+            (
+                "[nonsense]\nx = 1\n",
+                "nonsense",
+                "unknown field `nonsense`",
+            ),
+            (
+                "[model]\nmax_new_tokens = \"many\"\n",
+                "model.max_new_tokens",
+                "invalid",
+            ),
+            (
+                "[model]\nmax_new_tokens = 4096\n",
+                "model.max_new_tokens",
+                "less than model.context_length",
+            ),
             ("[model]\ndevice = \"tpu\"\n", "model.device", "tpu"),
-            ("[model]\nkv_cache_budget = \"lots\"\n", "model.kv_cache_budget", "not a size"),
-            ("[sampling]\ntemperature = -1.0\n", "sampling.temperature", "between 0 and 5"),
-            ("[sampling]\ntop_p = 0.0\n", "sampling.top_p", "greater than 0"),
-            ("[prompt]\ntrim_to = 2.0\n", "prompt.trim_to", "between 0.1 and 1"),
+            (
+                "[model]\nkv_cache_budget = \"lots\"\n",
+                "model.kv_cache_budget",
+                "not a size",
+            ),
+            (
+                "[sampling]\ntemperature = -1.0\n",
+                "sampling.temperature",
+                "between 0 and 5",
+            ),
+            (
+                "[sampling]\ntop_p = 0.0\n",
+                "sampling.top_p",
+                "greater than 0",
+            ),
+            (
+                "[prompt]\ntrim_to = 2.0\n",
+                "prompt.trim_to",
+                "between 0.1 and 1",
+            ),
             ("[discord]\nenabled = true\n", "discord.token", "required"),
-            ("[matrix]\nenabled = true\nhomeserver = \"http://127.0.0.1:1\"\nuser_id = \"bot\"\n", "matrix.user_id", "full Matrix user id"),
+            (
+                "[matrix]\nenabled = true\nhomeserver = \"http://127.0.0.1:1\"\nuser_id = \"bot\"\n",
+                "matrix.user_id",
+                "full Matrix user id",
+            ),
             ("[log]\nformat = \"xml\"\n", "log.format", "xml"),
         ];
         for (text, key, needle) in cases {
@@ -574,7 +653,10 @@ mod tests {
     #[test]
     fn broken_toml_names_the_file() {
         let err = load_with("[model\npath = 1", &[]).unwrap_err();
-        assert!(err.to_string().contains("test.toml is not valid TOML"), "{err}");
+        assert!(
+            err.to_string().contains("test.toml is not valid TOML"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -590,7 +672,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.discord.token, "from-env");
         assert_eq!(s.model.max_new_tokens, 200);
-        assert_eq!(s.discord.access.admins, vec!["1".to_string(), "2".to_string()]);
+        assert_eq!(
+            s.discord.access.admins,
+            vec!["1".to_string(), "2".to_string()]
+        );
     }
 
     #[test]
@@ -606,9 +691,63 @@ mod tests {
 
     #[test]
     fn sizes() {
-        for (text, want) in [("1GiB", 1u64 << 30), ("512MiB", 512 << 20), ("1000", 1000), ("2 GB", 2_000_000_000)] {
+        for (text, want) in [
+            ("1GiB", 1u64 << 30),
+            ("512MiB", 512 << 20),
+            ("1000", 1000),
+            ("2 GB", 2_000_000_000),
+        ] {
             assert_eq!(parse_size(text).unwrap(), want, "{text}");
         }
         assert!(parse_size("12 parsecs").is_err());
+    }
+
+    /// Every shipped configuration parses, and default.toml documents exactly the built-in
+    /// defaults, so neither can go stale.
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let default = Settings::load(&Sources {
+            base: None,
+            file: Some(root.join("default.toml")),
+            env: Some(vec![]),
+        })
+        .unwrap();
+        assert_eq!(
+            default,
+            Settings::default(),
+            "config/default.toml and the built-in defaults differ"
+        );
+        let mut files = vec![];
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "toml") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() >= 3, "{files:?}");
+        let secrets = vec![
+            (
+                "SYNTHIA_BOT__DISCORD__TOKEN".to_string(),
+                "token-from-env".to_string(),
+            ),
+            (
+                "SYNTHIA_BOT__MATRIX__PASSWORD".to_string(),
+                "password-from-env".to_string(),
+            ),
+        ];
+        for file in files {
+            let s = Settings::load(&Sources {
+                base: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml")),
+                file: Some(file.clone()),
+                env: Some(secrets.clone()),
+            });
+            assert!(s.is_ok(), "{}: {}", file.display(), s.unwrap_err());
+        }
     }
 }

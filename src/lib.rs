@@ -5,7 +5,10 @@
 //! [`core::ReplySink`]; the core stores turns in [`memory`], builds the prompt with [`prompt`] and
 //! streams from the one [`inference`] worker. The core never imports an adapter.
 
+pub mod adapters;
+pub mod cli;
 pub mod config;
+pub mod core;
 pub mod inference;
 pub mod memory;
 pub mod prompt;

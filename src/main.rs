@@ -1,1 +1,66 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use synthia_bot::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match cli::load_settings(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let threads = match &cli.command {
+        Command::Bench(args) => args.threads.unwrap_or(settings.model.threads as usize),
+        _ => settings.model.threads as usize,
+    };
+    // SAFETY: no other thread exists yet; candle reads these once, on first use.
+    unsafe { synthia_bot::inference::set_cpu_threads(threads) };
+    cli::init_logging(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::CheckConfig => Ok(()),
+            Command::Chat(args) => cli::chat(settings, args).await,
+            Command::Prompt(args) => cli::prompt(settings, args).await,
+            Command::Export(args) => cli::export(settings, args).await,
+            Command::Generate(args) => cli::generate(settings, args).await,
+            Command::Bench(args) => {
+                let json = args.json;
+                let report =
+                    tokio::task::spawn_blocking(move || synthia_bot::inference::bench::run(&args))
+                        .await??;
+                let mut out = std::io::stdout().lock();
+                if json {
+                    serde_json::to_writer_pretty(&mut out, &report)?;
+                    println!();
+                } else {
+                    synthia_bot::inference::bench::print_human(&report, &mut out)?;
+                }
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

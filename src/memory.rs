@@ -72,7 +72,9 @@ fn escape(part: &str) -> String {
 }
 
 fn unescape(part: &str) -> String {
-    part.replace("%3A", ":").replace("%3a", ":").replace("%25", "%")
+    part.replace("%3A", ":")
+        .replace("%3a", ":")
+        .replace("%25", "%")
 }
 
 /// Written `platform:channel`, `platform:space:channel` or `platform:space:channel:thread`,
@@ -119,15 +121,6 @@ pub enum Role {
     Assistant,
 }
 
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -166,6 +159,7 @@ pub struct ConversationSettings {
 pub struct Conversation {
     pub id: i64,
     pub key: ConversationKey,
+    pub private: bool,
     pub reset_after: i64,
     pub trim_after: i64,
     pub settings: ConversationSettings,
@@ -298,7 +292,7 @@ impl Store {
     pub async fn find_conversation(&self, key: &ConversationKey) -> Result<Option<Conversation>> {
         let row = sqlx::query(
             "SELECT id, platform, space, channel, thread, reset_after, trim_after, system_prompt,
-                    temperature, max_new_tokens
+                    temperature, max_new_tokens, private
              FROM conversations WHERE platform = ? AND space = ? AND channel = ? AND thread = ?",
         )
         .bind(&key.platform)
@@ -313,7 +307,7 @@ impl Store {
     pub async fn conversation_by_id(&self, id: i64) -> Result<Option<Conversation>> {
         let row = sqlx::query(
             "SELECT id, platform, space, channel, thread, reset_after, trim_after, system_prompt,
-                    temperature, max_new_tokens
+                    temperature, max_new_tokens, private
              FROM conversations WHERE id = ?",
         )
         .bind(id)
@@ -325,7 +319,7 @@ impl Store {
     pub async fn conversations(&self) -> Result<Vec<Conversation>> {
         let rows = sqlx::query(
             "SELECT id, platform, space, channel, thread, reset_after, trim_after, system_prompt,
-                    temperature, max_new_tokens
+                    temperature, max_new_tokens, private
              FROM conversations ORDER BY id",
         )
         .fetch_all(&self.pool)
@@ -335,17 +329,22 @@ impl Store {
 
     /// Whether a platform message id was already stored (handled) on this platform.
     pub async fn is_known(&self, platform: &str, platform_message_id: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM messages WHERE platform = ? AND platform_message_id = ?")
-            .bind(platform)
-            .bind(platform_message_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT 1 FROM messages WHERE platform = ? AND platform_message_id = ?")
+                .bind(platform)
+                .bind(platform_message_id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.is_some())
     }
 
     /// Stores a user turn. A platform message id seen before is not stored again; the caller
     /// learns it was a duplicate and which row holds it.
-    pub async fn append_user(&self, conversation: &Conversation, turn: &NewUserTurn<'_>) -> Result<Appended> {
+    pub async fn append_user(
+        &self,
+        conversation: &Conversation,
+        turn: &NewUserTurn<'_>,
+    ) -> Result<Appended> {
         let result = sqlx::query(
             "INSERT INTO messages (conversation_id, role, author_id, author_name, content, platform,
                                    platform_message_id, status, created_at)
@@ -364,11 +363,13 @@ impl Store {
         if result.rows_affected() == 1 {
             return Ok(Appended::New(result.last_insert_rowid()));
         }
-        let id: i64 = sqlx::query_scalar("SELECT id FROM messages WHERE platform = ? AND platform_message_id = ?")
-            .bind(&conversation.key.platform)
-            .bind(turn.platform_message_id)
-            .fetch_one(&self.pool)
-            .await?;
+        let id: i64 = sqlx::query_scalar(
+            "SELECT id FROM messages WHERE platform = ? AND platform_message_id = ?",
+        )
+        .bind(&conversation.key.platform)
+        .bind(turn.platform_message_id)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(Appended::Duplicate(id))
     }
 
@@ -425,10 +426,12 @@ impl Store {
     }
 
     pub async fn message(&self, id: i64) -> Result<Option<StoredMessage>> {
-        let row = sqlx::query(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(message_from_row))
     }
 
@@ -462,7 +465,12 @@ impl Store {
     }
 
     /// Applies an edit made on the platform; the cached token count goes with the old text.
-    pub async fn edit_by_platform_id(&self, platform: &str, platform_message_id: &str, content: &str) -> Result<Option<Affected>> {
+    pub async fn edit_by_platform_id(
+        &self,
+        platform: &str,
+        platform_message_id: &str,
+        content: &str,
+    ) -> Result<Option<Affected>> {
         let row = sqlx::query(
             "UPDATE messages SET content = ?, edited_at = ?, token_count = NULL, token_key = NULL
              WHERE platform = ? AND platform_message_id = ?
@@ -481,7 +489,11 @@ impl Store {
     }
 
     /// Removes a message deleted on the platform, with the replies that answered it.
-    pub async fn delete_by_platform_id(&self, platform: &str, platform_message_id: &str) -> Result<Option<Affected>> {
+    pub async fn delete_by_platform_id(
+        &self,
+        platform: &str,
+        platform_message_id: &str,
+    ) -> Result<Option<Affected>> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query("SELECT id, conversation_id FROM messages WHERE platform = ? AND platform_message_id = ?")
             .bind(platform)
@@ -507,11 +519,25 @@ impl Store {
         Ok(Some(affected))
     }
 
-    pub async fn set_settings(&self, conversation: &Conversation, settings: &ConversationSettings) -> Result<()> {
+    pub async fn set_settings(
+        &self,
+        conversation: &Conversation,
+        settings: &ConversationSettings,
+    ) -> Result<()> {
         sqlx::query("UPDATE conversations SET system_prompt = ?, temperature = ?, max_new_tokens = ? WHERE id = ?")
             .bind(settings.system_prompt.as_deref())
             .bind(settings.temperature)
             .bind(settings.max_new_tokens.map(i64::from))
+            .bind(conversation.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records whether the conversation is private (a DM or the terminal).
+    pub async fn set_private(&self, conversation: &Conversation, private: bool) -> Result<()> {
+        sqlx::query("UPDATE conversations SET private = ? WHERE id = ?")
+            .bind(private)
             .bind(conversation.id)
             .execute(&self.pool)
             .await?;
@@ -555,8 +581,7 @@ impl Store {
         for question in messages.iter().filter(|m| m.role == Role::User) {
             let answer = messages
                 .iter()
-                .filter(|m| m.role == Role::Assistant && m.reply_to == Some(question.id))
-                .last();
+                .rfind(|m| m.role == Role::Assistant && m.reply_to == Some(question.id));
             out.push(Exchange {
                 conversation: key.clone(),
                 author: question.author_name.clone(),
@@ -587,8 +612,11 @@ fn conversation_from_row(r: &sqlx::sqlite::SqliteRow) -> Conversation {
         settings: ConversationSettings {
             system_prompt: r.get(7),
             temperature: r.get(8),
-            max_new_tokens: r.get::<Option<i64>, _>(9).map(|v| v.clamp(0, u32::MAX as i64) as u32),
+            max_new_tokens: r
+                .get::<Option<i64>, _>(9)
+                .map(|v| v.clamp(0, u32::MAX as i64) as u32),
         },
+        private: r.get::<i64, _>(10) != 0,
     }
 }
 
@@ -598,14 +626,20 @@ fn message_from_row(r: &sqlx::sqlite::SqliteRow) -> StoredMessage {
     StoredMessage {
         id: r.get(0),
         conversation_id: r.get(1),
-        role: if role == "assistant" { Role::Assistant } else { Role::User },
+        role: if role == "assistant" {
+            Role::Assistant
+        } else {
+            Role::User
+        },
         author_id: r.get(3),
         author_name: r.get(4),
         content: r.get(5),
         platform_message_id: r.get(6),
         reply_to: r.get(7),
         status: Status::parse(&status),
-        token_count: r.get::<Option<i64>, _>(9).map(|v| v.clamp(0, u32::MAX as i64) as u32),
+        token_count: r
+            .get::<Option<i64>, _>(9)
+            .map(|v| v.clamp(0, u32::MAX as i64) as u32),
         token_key: r.get(10),
         created_at: r.get(11),
         edited_at: r.get(12),
@@ -618,7 +652,9 @@ mod tests {
 
     async fn open(dir: &tempfile::TempDir) -> Store {
         let path = dir.path().join("memory.sqlite");
-        Store::open(path.to_str().unwrap(), Duration::from_secs(5)).await.unwrap()
+        Store::open(path.to_str().unwrap(), Duration::from_secs(5))
+            .await
+            .unwrap()
     }
 
     fn user<'a>(text: &'a str, id: Option<&'a str>) -> NewUserTurn<'a> {
@@ -637,14 +673,24 @@ mod tests {
         {
             let store = open(&dir).await;
             let conv = store.conversation(&key).await.unwrap();
-            let q = store.append_user(&conv, &user("hello", Some("m1"))).await.unwrap();
+            let q = store
+                .append_user(&conv, &user("hello", Some("m1")))
+                .await
+                .unwrap();
             let Appended::New(qid) = q else { panic!("new") };
-            store.append_assistant(&conv, Some(qid), "hi there", Status::Complete, None).await.unwrap();
+            store
+                .append_assistant(&conv, Some(qid), "hi there", Status::Complete, None)
+                .await
+                .unwrap();
             store.close().await;
         }
         // Second open runs the migrator against an already migrated file.
         let store = open(&dir).await;
-        let conv = store.find_conversation(&key).await.unwrap().expect("conversation persisted");
+        let conv = store
+            .find_conversation(&key)
+            .await
+            .unwrap()
+            .expect("conversation persisted");
         let msgs = store.since_reset(&conv).await.unwrap();
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].content, "hello");
@@ -657,16 +703,33 @@ mod tests {
     async fn duplicate_platform_ids_are_stored_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
-        let conv = store.conversation(&ConversationKey::console("x")).await.unwrap();
-        let first = store.append_user(&conv, &user("a", Some("same"))).await.unwrap();
-        let second = store.append_user(&conv, &user("a again", Some("same"))).await.unwrap();
-        let Appended::New(id) = first else { panic!("first is new") };
+        let conv = store
+            .conversation(&ConversationKey::console("x"))
+            .await
+            .unwrap();
+        let first = store
+            .append_user(&conv, &user("a", Some("same")))
+            .await
+            .unwrap();
+        let second = store
+            .append_user(&conv, &user("a again", Some("same")))
+            .await
+            .unwrap();
+        let Appended::New(id) = first else {
+            panic!("first is new")
+        };
         assert_eq!(second, Appended::Duplicate(id));
         assert!(store.is_known("console", "same").await.unwrap());
         assert!(!store.is_known("discord", "same").await.unwrap());
         // Messages without platform ids never collide.
-        assert!(matches!(store.append_user(&conv, &user("b", None)).await.unwrap(), Appended::New(_)));
-        assert!(matches!(store.append_user(&conv, &user("c", None)).await.unwrap(), Appended::New(_)));
+        assert!(matches!(
+            store.append_user(&conv, &user("b", None)).await.unwrap(),
+            Appended::New(_)
+        ));
+        assert!(matches!(
+            store.append_user(&conv, &user("c", None)).await.unwrap(),
+            Appended::New(_)
+        ));
         assert_eq!(store.since_reset(&conv).await.unwrap().len(), 3);
     }
 
@@ -682,7 +745,10 @@ mod tests {
         assert!(store.since_reset(&conv).await.unwrap().is_empty());
         store.append_user(&conv, &user("new", None)).await.unwrap();
         let ctx = store.since_reset(&conv).await.unwrap();
-        assert_eq!(ctx.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), vec!["new"]);
+        assert_eq!(
+            ctx.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(),
+            vec!["new"]
+        );
         let ex = store.exchanges(&conv).await.unwrap();
         assert_eq!(ex.len(), 2);
         assert!(!ex[0].in_context && ex[1].in_context);
@@ -694,7 +760,10 @@ mod tests {
         let store = open(&dir).await;
         let key = ConversationKey::console("f");
         let conv = store.conversation(&key).await.unwrap();
-        store.append_user(&conv, &user("secret", Some("p1"))).await.unwrap();
+        store
+            .append_user(&conv, &user("secret", Some("p1")))
+            .await
+            .unwrap();
         assert_eq!(store.forget(&conv).await.unwrap(), 1);
         assert!(store.find_conversation(&key).await.unwrap().is_none());
         assert!(!store.is_known("console", "p1").await.unwrap());
@@ -704,22 +773,49 @@ mod tests {
     async fn edit_and_delete_by_platform_id() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
-        let conv = store.conversation(&ConversationKey::new("matrix", "", "!r:x", "")).await.unwrap();
-        let Appended::New(q) = store.append_user(&conv, &user("typo", Some("$e1"))).await.unwrap() else {
+        let conv = store
+            .conversation(&ConversationKey::new("matrix", "", "!r:x", ""))
+            .await
+            .unwrap();
+        let Appended::New(q) = store
+            .append_user(&conv, &user("typo", Some("$e1")))
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         store.set_token_counts(&[(q, 7, 42)]).await.unwrap();
-        store.append_assistant(&conv, Some(q), "answer", Status::Complete, None).await.unwrap();
-        let edited = store.edit_by_platform_id("matrix", "$e1", "fixed").await.unwrap().unwrap();
+        store
+            .append_assistant(&conv, Some(q), "answer", Status::Complete, None)
+            .await
+            .unwrap();
+        let edited = store
+            .edit_by_platform_id("matrix", "$e1", "fixed")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(edited.message_id, q);
         let m = store.message(q).await.unwrap().unwrap();
         assert_eq!(m.content, "fixed");
         assert!(m.edited_at.is_some());
         assert_eq!(m.token_count, None, "stale token count dropped");
-        assert!(store.edit_by_platform_id("matrix", "$nope", "x").await.unwrap().is_none());
-        let gone = store.delete_by_platform_id("matrix", "$e1").await.unwrap().unwrap();
+        assert!(
+            store
+                .edit_by_platform_id("matrix", "$nope", "x")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let gone = store
+            .delete_by_platform_id("matrix", "$e1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(gone.conversation_id, conv.id);
-        assert!(store.since_reset(&conv).await.unwrap().is_empty(), "question and its answer removed");
+        assert!(
+            store.since_reset(&conv).await.unwrap().is_empty(),
+            "question and its answer removed"
+        );
     }
 
     #[tokio::test]
@@ -738,7 +834,10 @@ mod tests {
         let conv = store.conversation(&key).await.unwrap();
         assert_eq!(conv.settings, settings);
         assert_eq!(conv.trim_after, 5);
-        let other = store.conversation(&ConversationKey::console("other")).await.unwrap();
+        let other = store
+            .conversation(&ConversationKey::console("other"))
+            .await
+            .unwrap();
         assert_eq!(other.settings, ConversationSettings::default());
     }
 
@@ -754,7 +853,10 @@ mod tests {
             let text = key.to_string();
             assert_eq!(text.parse::<ConversationKey>().unwrap(), key, "{text}");
         }
-        assert_eq!(ConversationKey::console("default").to_string(), "console:default");
+        assert_eq!(
+            ConversationKey::console("default").to_string(),
+            "console:default"
+        );
         for bad in ["", "console", ":x", "a:b:c:d:e", "console:"] {
             assert!(bad.parse::<ConversationKey>().is_err(), "{bad}");
         }

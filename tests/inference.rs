@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
 use synthia_bot::config::DTypeChoice;
 use synthia_bot::inference::{
-    FinishReason, GenerationEvent, GenerationRequest, LoadError, LoadOptions, SamplingParams, Worker, WorkerError,
-    WorkerOptions, load,
+    FinishReason, GenerationEvent, GenerationRequest, LoadError, LoadOptions, SamplingParams,
+    Worker, WorkerError, WorkerOptions, load,
 };
 
 fn opts() -> LoadOptions {
@@ -37,18 +37,32 @@ fn request(conv: &str, prompt: Vec<u32>, max_new: usize) -> GenerationRequest {
 /// Greedy ids computed by candle-transformers' own Llama, recomputing everything each step.
 fn reference_greedy(dir: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     let dev = Device::Cpu;
-    let cfg: reference::LlamaConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: reference::LlamaConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     let cfg = cfg.into_config(false);
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev) }
-        .unwrap();
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &dev,
+        )
+    }
+    .unwrap();
     let llama = reference::Llama::load(vb, &cfg).unwrap();
     let mut tokens = prompt.to_vec();
     let mut out = Vec::new();
     let mut first_logits = Vec::new();
     for step in 0..n {
         let mut cache = reference::Cache::new(false, DType::F32, &cfg, &dev).unwrap();
-        let input = Tensor::new(tokens.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-        let logits = llama.forward(&input, 0, &mut cache).unwrap().squeeze(0).unwrap();
+        let input = Tensor::new(tokens.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = llama
+            .forward(&input, 0, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         if step == 0 {
             first_logits = logits.to_vec1::<f32>().unwrap();
         }
@@ -64,7 +78,10 @@ fn reference_greedy(dir: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn prompt_ids(text: &str) -> Vec<u32> {
@@ -94,7 +111,8 @@ fn our_greedy(path: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
 #[test]
 fn greedy_matches_candle_reference_without_cache() {
     let dir = common::tiny_hf();
-    let prompt = prompt_ids("SYSTEM: You are Synthia.\nUSER: What is the capital of France?\nASSISTANT:");
+    let prompt =
+        prompt_ids("SYSTEM: You are Synthia.\nUSER: What is the capital of France?\nASSISTANT:");
     let (want, ref_logits) = reference_greedy(&dir, &prompt, 24);
     let (ours, our_logits) = our_greedy(&dir, &prompt, 24);
     assert!(max_abs_diff(&ref_logits, &our_logits) <= 1e-4);
@@ -102,9 +120,14 @@ fn greedy_matches_candle_reference_without_cache() {
     // Through the worker too, twice: deterministic.
     let w = worker(&dir, WorkerOptions::default());
     for conv in ["a", "b"] {
-        let r = w.submit(request(conv, prompt.clone(), 24)).unwrap().blocking_finish();
+        let r = w
+            .submit(request(conv, prompt.clone(), 24))
+            .unwrap()
+            .blocking_finish();
         let tok = w.tokenizer();
-        let want_text = tok.decode(&want.iter().copied().filter(|&t| t != 2).collect::<Vec<_>>()).unwrap();
+        let want_text = tok
+            .decode(&want.iter().copied().filter(|&t| t != 2).collect::<Vec<_>>())
+            .unwrap();
         assert_eq!(r.text, want_text.trim(), "conversation {conv}");
         assert_eq!(r.completion_tokens, want.len());
     }
@@ -124,7 +147,10 @@ fn cached_follow_up_equals_full_recompute() {
     assert_eq!(reused, first.len());
     let mut fresh = model.new_cache();
     let full_logits = model.forward(&follow, &mut fresh).unwrap();
-    let diff = max_abs_diff(&cached_logits.to_vec1().unwrap(), &full_logits.to_vec1().unwrap());
+    let diff = max_abs_diff(
+        &cached_logits.to_vec1().unwrap(),
+        &full_logits.to_vec1().unwrap(),
+    );
     assert!(diff <= 1e-4, "max abs diff {diff}");
 
     // A diverging prompt falls back to the common prefix and still matches a full recompute.
@@ -139,7 +165,12 @@ fn cached_follow_up_equals_full_recompute() {
     // Chunked prefill equals one-shot prefill.
     let mut chunked = model.new_cache();
     let (chunk_logits, _) = model.prefill(&follow, &mut chunked, 7).unwrap();
-    assert!(max_abs_diff(&chunk_logits.to_vec1().unwrap(), &full_logits.to_vec1().unwrap()) <= 1e-4);
+    assert!(
+        max_abs_diff(
+            &chunk_logits.to_vec1().unwrap(),
+            &full_logits.to_vec1().unwrap()
+        ) <= 1e-4
+    );
 }
 
 #[test]
@@ -147,15 +178,31 @@ fn worker_reuses_a_conversations_cache_and_evicts_lru() {
     let dir = common::tiny_hf();
     let w = worker(&dir, WorkerOptions::default());
     let p1 = prompt_ids("SYSTEM: sys\nUSER: hello\nASSISTANT:");
-    let r1 = w.submit(request("conv", p1.clone(), 8)).unwrap().blocking_finish();
+    let r1 = w
+        .submit(request("conv", p1.clone(), 8))
+        .unwrap()
+        .blocking_finish();
     assert_eq!(r1.reused_tokens, 0);
     let mut p2 = p1.clone();
     p2.extend(prompt_ids("hi\nUSER: more please\nASSISTANT:")[1..].iter());
-    let cached = w.submit(request("conv", p2.clone(), 8)).unwrap().blocking_finish();
-    assert!(cached.reused_tokens >= p1.len() - 1, "reused {}", cached.reused_tokens);
-    let fresh = w.submit(request("other", p2.clone(), 8)).unwrap().blocking_finish();
+    let cached = w
+        .submit(request("conv", p2.clone(), 8))
+        .unwrap()
+        .blocking_finish();
+    assert!(
+        cached.reused_tokens >= p1.len() - 1,
+        "reused {}",
+        cached.reused_tokens
+    );
+    let fresh = w
+        .submit(request("other", p2.clone(), 8))
+        .unwrap()
+        .blocking_finish();
     assert_eq!(fresh.reused_tokens, 0);
-    assert_eq!(cached.text, fresh.text, "same greedy output with and without the cache");
+    assert_eq!(
+        cached.text, fresh.text,
+        "same greedy output with and without the cache"
+    );
 
     // A budget that holds one conversation: the least recently used one is evicted.
     let shape = synthia_bot::inference::testmodel::named_shape("tiny").unwrap();
@@ -167,12 +214,28 @@ fn worker_reuses_a_conversations_cache_and_evicts_lru() {
             ..WorkerOptions::default()
         },
     );
-    small.submit(request("a", p1.clone(), 4)).unwrap().blocking_finish();
-    small.submit(request("b", p1.clone(), 4)).unwrap().blocking_finish();
-    let a_again = small.submit(request("a", p1.clone(), 4)).unwrap().blocking_finish();
+    small
+        .submit(request("a", p1.clone(), 4))
+        .unwrap()
+        .blocking_finish();
+    small
+        .submit(request("b", p1.clone(), 4))
+        .unwrap()
+        .blocking_finish();
+    let a_again = small
+        .submit(request("a", p1.clone(), 4))
+        .unwrap()
+        .blocking_finish();
     assert_eq!(a_again.reused_tokens, 0, "a was evicted when b was kept");
-    let a_third = small.submit(request("a", p1.clone(), 4)).unwrap().blocking_finish();
-    assert_eq!(a_third.reused_tokens, p1.len() - 1, "a is now the resident one");
+    let a_third = small
+        .submit(request("a", p1.clone(), 4))
+        .unwrap()
+        .blocking_finish();
+    assert_eq!(
+        a_third.reused_tokens,
+        p1.len() - 1,
+        "a is now the resident one"
+    );
 }
 
 #[test]
@@ -220,7 +283,10 @@ fn full_queue_is_busy_and_service_is_round_robin() {
     let names = ["a1", "a2", "a3", "b1", "c1"];
     let mut handles = Vec::new();
     for name in names {
-        handles.push((name, w.submit(request(&name[..1], prompt.clone(), 2)).unwrap()));
+        handles.push((
+            name,
+            w.submit(request(&name[..1], prompt.clone(), 2)).unwrap(),
+        ));
     }
     match w.submit(request("d", prompt.clone(), 2)) {
         Err(e @ WorkerError::Busy { .. }) => assert!(e.is_retryable()),
@@ -228,7 +294,11 @@ fn full_queue_is_busy_and_service_is_round_robin() {
         Ok(_) => panic!("expected busy, got a handle"),
     }
     let positions: Vec<usize> = handles.iter().map(|(_, h)| h.queue_position()).collect();
-    assert_eq!(positions, vec![1, 4, 5, 2, 3], "round-robin places for a1 a2 a3 b1 c1");
+    assert_eq!(
+        positions,
+        vec![1, 4, 5, 2, 3],
+        "round-robin places for a1 a2 a3 b1 c1"
+    );
     w.resume();
     let mut order: Vec<(u64, &str)> = Vec::new();
     for (name, mut h) in handles {
@@ -254,8 +324,15 @@ fn stop_text_never_reaches_a_delta_and_deltas_are_whole_characters() {
     let tok = w.tokenizer();
     // Teacher-force: find what the model says, then make part of it a stop string.
     let prompt = prompt_ids("SYSTEM: sys\nUSER: hello\nASSISTANT:");
-    let free = w.submit(request("s", prompt.clone(), 16)).unwrap().blocking_finish();
-    assert!(free.text.chars().count() > 6, "model output {:?}", free.text);
+    let free = w
+        .submit(request("s", prompt.clone(), 16))
+        .unwrap()
+        .blocking_finish();
+    assert!(
+        free.text.chars().count() > 6,
+        "model output {:?}",
+        free.text
+    );
     let chars: Vec<char> = free.text.chars().collect();
     let stop: String = chars[3..6].iter().collect();
     let mut req = request("s2", prompt.clone(), 16);
@@ -304,7 +381,10 @@ fn prompts_past_the_context_are_refused() {
     let long = vec![1u32; 64];
     assert!(matches!(
         w.submit(request("x", long, 4)),
-        Err(WorkerError::PromptTooLong { tokens: 64, context: 64 })
+        Err(WorkerError::PromptTooLong {
+            tokens: 64,
+            context: 64
+        })
     ));
     // A prompt near the end stops at the window, never past it.
     let near = [vec![1u32], vec![450u32; 60]].concat();
@@ -323,7 +403,11 @@ fn gguf_and_sharded_models_load_and_agree() {
 
     // F32 GGUF: the same weights with llama.cpp's q/k layout give the same logits.
     let (gg_ids, gg_logits) = our_greedy(&common::tiny_gguf("f32"), &prompt, 12);
-    assert!(max_abs_diff(&gg_logits, &st_logits) <= 1e-3, "{}", max_abs_diff(&gg_logits, &st_logits));
+    assert!(
+        max_abs_diff(&gg_logits, &st_logits) <= 1e-3,
+        "{}",
+        max_abs_diff(&gg_logits, &st_logits)
+    );
     assert_eq!(gg_ids, st_ids);
 
     // Quantised GGUF: our forward equals candle-transformers' quantized llama on the same file.
@@ -333,15 +417,34 @@ fn gguf_and_sharded_models_load_and_agree() {
         assert!(!ids.is_empty());
         let mut file = std::fs::File::open(&path).unwrap();
         let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-        let mut weights = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+        let mut weights = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
             .unwrap();
-        let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let want = weights.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        let want = weights
+            .forward(&input, 0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let diff = max_abs_diff(&want, &logits);
         assert!(diff <= 1e-3, "{preset}: {diff}");
         let w = worker(&path, WorkerOptions::default());
-        let r = w.submit(request("g", prompt.clone(), 8)).unwrap().blocking_finish();
-        assert!(matches!(r.finish, FinishReason::Length | FinishReason::Eos), "{preset}: {r:?}");
+        let r = w
+            .submit(request("g", prompt.clone(), 8))
+            .unwrap()
+            .blocking_finish();
+        assert!(
+            matches!(r.finish, FinishReason::Length | FinishReason::Eos),
+            "{preset}: {r:?}"
+        );
     }
 }
 
@@ -362,10 +465,23 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 #[test]
 fn broken_models_give_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
-        ("missing config", Box::new(|d| std::fs::remove_file(d.join("config.json")).unwrap()), "config.json"),
-        ("missing tokenizer", Box::new(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap()), "tokenizer.json"),
-        ("missing weights", Box::new(|d| std::fs::remove_file(d.join("model.safetensors")).unwrap()), "no model.safetensors"),
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
+        (
+            "missing config",
+            Box::new(|d| std::fs::remove_file(d.join("config.json")).unwrap()),
+            "config.json",
+        ),
+        (
+            "missing tokenizer",
+            Box::new(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap()),
+            "tokenizer.json",
+        ),
+        (
+            "missing weights",
+            Box::new(|d| std::fs::remove_file(d.join("model.safetensors")).unwrap()),
+            "no model.safetensors",
+        ),
         (
             "missing tensor",
             Box::new(|d| edit_config(d, |v| v["num_hidden_layers"] = 3.into())),
@@ -378,7 +494,11 @@ fn broken_models_give_clear_errors() {
         ),
         (
             "unsupported architecture",
-            Box::new(|d| edit_config(d, |v| v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]))),
+            Box::new(|d| {
+                edit_config(d, |v| {
+                    v["architectures"] = serde_json::json!(["GPT2LMHeadModel"])
+                })
+            }),
             "unsupported architecture `GPT2LMHeadModel`",
         ),
         (
@@ -386,8 +506,16 @@ fn broken_models_give_clear_errors() {
             Box::new(|d| edit_config(d, |v| v["vocab_size"] = 1000.into())),
             "the tokenizer has 32000 tokens but the model only 1000",
         ),
-        ("garbage config", Box::new(|d| std::fs::write(d.join("config.json"), "{not json").unwrap()), "not a valid model config"),
-        ("truncated weights", Box::new(|d| std::fs::write(d.join("model.safetensors"), b"12345678").unwrap()), "model.safetensors"),
+        (
+            "garbage config",
+            Box::new(|d| std::fs::write(d.join("config.json"), "{not json").unwrap()),
+            "not a valid model config",
+        ),
+        (
+            "truncated weights",
+            Box::new(|d| std::fs::write(d.join("model.safetensors"), b"12345678").unwrap()),
+            "model.safetensors",
+        ),
     ];
     for (i, (name, breakit, needle)) in cases.iter().enumerate() {
         let dir = common::broken_copy(&tmp.path().join(i.to_string()));
@@ -395,7 +523,9 @@ fn broken_models_give_clear_errors() {
         let err = load_err(&dir);
         assert!(err.contains(needle), "{name}: {err}");
     }
-    assert!(load_err(Path::new("/nonexistent/model")).contains("/nonexistent/model does not exist"));
+    assert!(
+        load_err(Path::new("/nonexistent/model")).contains("/nonexistent/model does not exist")
+    );
     let bad_gguf = tmp.path().join("bad.gguf");
     std::fs::write(&bad_gguf, b"GGUFnot really").unwrap();
     assert!(load_err(&bad_gguf).contains("bad.gguf"));

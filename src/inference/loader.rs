@@ -16,7 +16,9 @@ use crate::prompt::{TextTokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("no model configured: set model.path to a model directory or .gguf file, or model.repo to a Hugging Face repo id")]
+    #[error(
+        "no model configured: set model.path to a model directory or .gguf file, or model.repo to a Hugging Face repo id"
+    )]
     NotConfigured,
     #[error("model path {0} does not exist")]
     NotFound(PathBuf),
@@ -24,7 +26,9 @@ pub enum LoadError {
     MissingFile { path: PathBuf, what: String },
     #[error("{path} is not a valid model config: {message}")]
     BadConfig { path: PathBuf, message: String },
-    #[error("{path}: unsupported architecture `{arch}` (supported: LlamaForCausalLM, MistralForCausalLM)")]
+    #[error(
+        "{path}: unsupported architecture `{arch}` (supported: LlamaForCausalLM, MistralForCausalLM)"
+    )]
     UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor { path: PathBuf, name: String },
@@ -37,14 +41,22 @@ pub enum LoadError {
     },
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
-    #[error("the tokenizer has {tokenizer} tokens but the model only {model}: they do not belong together")]
+    #[error(
+        "the tokenizer has {tokenizer} tokens but the model only {model}: they do not belong together"
+    )]
     VocabMismatch { model: usize, tokenizer: usize },
     #[error("{path}: {message}")]
     Read { path: PathBuf, message: String },
     #[error("device: {0}")]
     Device(String),
-    #[error("cannot fetch {file} from Hugging Face repo {repo}: {message}. If this machine is offline, download the files elsewhere and set model.path")]
-    Hub { repo: String, file: String, message: String },
+    #[error(
+        "cannot fetch {file} from Hugging Face repo {repo}: {message}. If this machine is offline, download the files elsewhere and set model.path"
+    )]
+    Hub {
+        repo: String,
+        file: String,
+        message: String,
+    },
 }
 
 /// How the weights are stored.
@@ -131,7 +143,9 @@ fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
         (DTypeChoice::Auto, false) | (DTypeChoice::F16, _) => DType::F16,
         (DTypeChoice::Bf16, cpu) => {
             if cpu {
-                tracing::warn!("bf16 on the CPU is about 4x slower than f32; consider model.dtype = \"f32\"");
+                tracing::warn!(
+                    "bf16 on the CPU is about 4x slower than f32; consider model.dtype = \"f32\""
+                );
             }
             DType::BF16
         }
@@ -146,7 +160,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let device = select_device(opts.device)?;
     if path.is_dir() {
         load_safetensors_dir(path, opts, &device)
-    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         load_gguf(path, opts, &device)
     } else {
         Err(LoadError::MissingFile {
@@ -221,7 +238,9 @@ fn read_hf_config(path: &Path) -> Result<HfConfig, LoadError> {
     {
         return Err(LoadError::BadConfig {
             path: path.to_path_buf(),
-            message: format!("sliding_window {window} is smaller than the context; sliding-window attention is not supported"),
+            message: format!(
+                "sliding_window {window} is smaller than the context; sliding-window attention is not supported"
+            ),
         });
     }
     if let Some(scaling) = &cfg.rope_scaling
@@ -233,8 +252,12 @@ fn read_hf_config(path: &Path) -> Result<HfConfig, LoadError> {
         });
     }
     if cfg.num_attention_heads == 0
-        || cfg.hidden_size % cfg.num_attention_heads != 0
-        || cfg.num_attention_heads % cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads).max(1) != 0
+        || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        || !cfg.num_attention_heads.is_multiple_of(
+            cfg.num_key_value_heads
+                .unwrap_or(cfg.num_attention_heads)
+                .max(1),
+        )
     {
         return Err(LoadError::BadConfig {
             path: path.to_path_buf(),
@@ -246,8 +269,14 @@ fn read_hf_config(path: &Path) -> Result<HfConfig, LoadError> {
 
 fn eos_ids(value: Option<&serde_json::Value>, tokenizer: &TextTokenizer) -> Vec<u32> {
     let mut ids: Vec<u32> = match value {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
         _ => Vec::new(),
     };
     if !ids.contains(&tokenizer.eos()) {
@@ -257,7 +286,9 @@ fn eos_ids(value: Option<&serde_json::Value>, tokenizer: &TextTokenizer) -> Vec<
 }
 
 fn load_tokenizer(explicit: Option<&Path>, beside: &Path) -> Result<TextTokenizer, LoadError> {
-    let path = explicit.map(Path::to_path_buf).unwrap_or_else(|| beside.join("tokenizer.json"));
+    let path = explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| beside.join("tokenizer.json"));
     Ok(TextTokenizer::from_file(&path)?)
 }
 
@@ -269,10 +300,11 @@ fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
             path: index.clone(),
             message: e.to_string(),
         })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
-            path: index.clone(),
-            message: e.to_string(),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -280,7 +312,10 @@ fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
                 path: index.clone(),
                 message: "no weight_map".into(),
             })?;
-        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
@@ -309,7 +344,11 @@ fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     })
 }
 
-fn load_safetensors_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedModel, LoadError> {
+fn load_safetensors_dir(
+    dir: &Path,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(LoadError::MissingFile {
@@ -328,7 +367,9 @@ fn load_safetensors_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Resu
     let files = safetensor_files(dir)?;
     let dtype = select_dtype(opts.dtype, device);
     let num_kv_heads = cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads);
-    let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
+    let head_dim = cfg
+        .head_dim
+        .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
     let shape = LlamaShape {
         vocab_size: cfg.vocab_size,
         hidden_size: cfg.hidden_size,
@@ -343,23 +384,33 @@ fn load_safetensors_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Resu
     };
 
     // SAFETY: the files are memory-mapped read-only; we never write to them while mapped.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| LoadError::Read {
-        path: files[0].clone(),
-        message: e.to_string(),
-    })?;
+    let st =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+            LoadError::Read {
+                path: files[0].clone(),
+                message: e.to_string(),
+            }
+        })?;
     // Check every name and shape first, so a broken checkpoint is one clear error.
     let mut available: HashMap<String, (Vec<usize>, PathBuf)> = HashMap::new();
     for file in &files {
         // SAFETY: as above.
-        let one = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| LoadError::Read {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
+        let one =
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
+                LoadError::Read {
+                    path: file.clone(),
+                    message: e.to_string(),
+                }
+            })?;
         for (name, view) in one.tensors() {
             available.insert(name, (view.shape().to_vec(), file.clone()));
         }
     }
-    let weight_path = if files.len() == 1 { files[0].clone() } else { dir.to_path_buf() };
+    let weight_path = if files.len() == 1 {
+        files[0].clone()
+    } else {
+        dir.to_path_buf()
+    };
     let check = |name: &str, expected: &[usize]| -> Result<(), LoadError> {
         match available.get(name) {
             None => Err(LoadError::MissingTensor {
@@ -404,7 +455,10 @@ fn load_safetensors_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Resu
         st.load(name, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| LoadError::Read {
-                path: available.get(name).map(|a| a.1.clone()).unwrap_or_else(|| weight_path.clone()),
+                path: available
+                    .get(name)
+                    .map(|a| a.1.clone())
+                    .unwrap_or_else(|| weight_path.clone()),
                 message: format!("tensor `{name}`: {e}"),
             })
     };
@@ -431,11 +485,16 @@ fn load_safetensors_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Resu
         });
     }
     let norm = get("model.norm.weight")?;
-    let model = LlamaModel::new(shape, embed, layers, norm, lm_head, false, device, dtype).map_err(|e| LoadError::Read {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let weight_bytes = files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+    let model = LlamaModel::new(shape, embed, layers, norm, lm_head, false, device, dtype)
+        .map_err(|e| LoadError::Read {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let weight_bytes = files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
     let eos = eos_ids(cfg.eos_token_id.as_ref(), &tokenizer);
     Ok(LoadedModel {
         model,
@@ -456,22 +515,29 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
         message,
     };
     let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| read_err(format!("not a readable GGUF file: {e}")))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| read_err(format!("not a readable GGUF file: {e}")))?;
     let md = |key: &str| -> Result<&gguf_file::Value, LoadError> {
-        content.metadata.get(key).ok_or_else(|| LoadError::BadConfig {
-            path: path.to_path_buf(),
-            message: format!("missing metadata `{key}`"),
-        })
+        content
+            .metadata
+            .get(key)
+            .ok_or_else(|| LoadError::BadConfig {
+                path: path.to_path_buf(),
+                message: format!("missing metadata `{key}`"),
+            })
     };
     let md_u32 = |key: &str| -> Result<usize, LoadError> {
-        md(key)?.to_u32().map(|v| v as usize).map_err(|e| LoadError::BadConfig {
-            path: path.to_path_buf(),
-            message: format!("metadata `{key}`: {e}"),
-        })
+        md(key)?
+            .to_u32()
+            .map(|v| v as usize)
+            .map_err(|e| LoadError::BadConfig {
+                path: path.to_path_buf(),
+                message: format!("metadata `{key}`: {e}"),
+            })
     };
     let arch = md("general.architecture")?
         .to_string()
-        .map(String::clone)
+        .cloned()
         .unwrap_or_default();
     if arch != "llama" {
         return Err(LoadError::UnsupportedArchitecture {
@@ -558,7 +624,10 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
         expect(&format!("{p}.ffn_down.weight"), &[hidden, intermediate])?;
     }
 
-    let tokenizer = load_tokenizer(opts.tokenizer.as_deref(), path.parent().unwrap_or(Path::new(".")))?;
+    let tokenizer = load_tokenizer(
+        opts.tokenizer.as_deref(),
+        path.parent().unwrap_or(Path::new(".")),
+    )?;
     if tokenizer.vocab_size() > vocab {
         return Err(LoadError::VocabMismatch {
             model: vocab,
@@ -570,7 +639,9 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
             .tensor(&mut file, name, device)
             .map_err(|e| read_err(format!("tensor `{name}`: {e}")))
     };
-    let dense = |q: candle_core::quantized::QTensor| q.dequantize(device).map_err(|e| read_err(e.to_string()));
+    let dense = |q: candle_core::quantized::QTensor| {
+        q.dequantize(device).map_err(|e| read_err(e.to_string()))
+    };
     let mut types: Vec<String> = Vec::new();
     let mut note = |t: GgmlDType| {
         let s = format!("{t:?}");
@@ -598,7 +669,12 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
             note(q.dtype());
             QMatMul::from_qtensor(q).map_err(|e| read_err(e.to_string()))
         };
-        let (wq, wk, wv, wo) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+        let (wq, wk, wv, wo) = (
+            lin("attn_q")?,
+            lin("attn_k")?,
+            lin("attn_v")?,
+            lin("attn_output")?,
+        );
         let (w_gate, w_up, w_down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
         layers.push(Layer {
             attn_norm: dense(qt(&format!("{p}.attn_norm.weight"))?)?,
@@ -612,14 +688,25 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
             w_down,
         });
     }
-    let model = LlamaModel::new(shape, embed, layers, norm, lm_head, true, device, DType::F32)
-        .map_err(|e| read_err(e.to_string()))?;
+    let model = LlamaModel::new(
+        shape,
+        embed,
+        layers,
+        norm,
+        lm_head,
+        true,
+        device,
+        DType::F32,
+    )
+    .map_err(|e| read_err(e.to_string()))?;
     let eos = eos_ids(None, &tokenizer);
     let weight_bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
     Ok(LoadedModel {
         model,
         tokenizer: Arc::new(tokenizer),
-        format: WeightFormat::Gguf { types: types.join("+") },
+        format: WeightFormat::Gguf {
+            types: types.join("+"),
+        },
         eos_ids: eos,
         source: path.to_path_buf(),
         weight_bytes,
@@ -642,10 +729,22 @@ fn fetch_from_hub(settings: &ModelSettings) -> Result<Fetched, LoadError> {
             file: String::new(),
             message: e.to_string(),
         })?;
-    let revision = if settings.revision.is_empty() { "main" } else { &settings.revision };
-    let repo = api.repo(Repo::with_revision(settings.repo.clone(), RepoType::Model, revision.to_string()));
+    let revision = if settings.revision.is_empty() {
+        "main"
+    } else {
+        &settings.revision
+    };
+    let repo = api.repo(Repo::with_revision(
+        settings.repo.clone(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
     let get = |repo: &hf_hub::api::sync::ApiRepo, name: &str, repo_id: &str| {
-        tracing::info!(repo = repo_id, file = name, "fetching from the Hugging Face hub (cached after the first time)");
+        tracing::info!(
+            repo = repo_id,
+            file = name,
+            "fetching from the Hugging Face hub (cached after the first time)"
+        );
         repo.get(name).map_err(|e| LoadError::Hub {
             repo: repo_id.to_string(),
             file: name.to_string(),
@@ -673,14 +772,19 @@ fn fetch_from_hub(settings: &ModelSettings) -> Result<Fetched, LoadError> {
                 path: index.clone(),
                 message: e.to_string(),
             })?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
-                path: index.clone(),
-                message: e.to_string(),
-            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
+                    path: index.clone(),
+                    message: e.to_string(),
+                })?;
             let mut shards: Vec<String> = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
@@ -694,5 +798,8 @@ fn fetch_from_hub(settings: &ModelSettings) -> Result<Fetched, LoadError> {
         Err(e) => return Err(e),
     }
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-    Ok(Fetched { path: dir, tokenizer: None })
+    Ok(Fetched {
+        path: dir,
+        tokenizer: None,
+    })
 }

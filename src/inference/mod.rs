@@ -1,6 +1,7 @@
 //! The inference worker: one OS thread owns the model and serves every conversation of every
 //! platform, fairly, streaming text back. It knows nothing of chat platforms.
 
+pub mod bench;
 pub mod loader;
 pub mod model;
 pub mod stop;
@@ -67,9 +68,16 @@ impl SamplingParams {
         } else {
             match (self.top_k, self.top_p < 1.0) {
                 (0, false) => Sampling::All { temperature: t },
-                (0, true) => Sampling::TopP { p: self.top_p, temperature: t },
+                (0, true) => Sampling::TopP {
+                    p: self.top_p,
+                    temperature: t,
+                },
                 (k, false) => Sampling::TopK { k, temperature: t },
-                (k, true) => Sampling::TopKThenTopP { k, p: self.top_p, temperature: t },
+                (k, true) => Sampling::TopKThenTopP {
+                    k,
+                    p: self.top_p,
+                    temperature: t,
+                },
             }
         };
         LogitsProcessor::from_sampling(seed, sampling)
@@ -118,9 +126,13 @@ pub struct GenerationResult {
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
     /// Waiting; `position` 1 is next.
-    Queued { position: usize },
+    Queued {
+        position: usize,
+    },
     /// The worker took the request; `serial` counts starts across all requests.
-    Started { serial: u64 },
+    Started {
+        serial: u64,
+    },
     Delta(String),
     Finished(GenerationResult),
 }
@@ -155,6 +167,11 @@ impl CancelToken {
 
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+
+    /// Whether both tokens cancel the same generation.
+    pub fn same_as(&self, other: &CancelToken) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -236,7 +253,9 @@ fn stopped_result() -> GenerationResult {
 /// Changes the process environment: call before any thread is spawned.
 pub unsafe fn set_cpu_threads(threads: usize) {
     let n = if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         threads
     };

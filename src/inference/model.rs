@@ -91,7 +91,10 @@ impl SeqCache {
         } else {
             for entry in self.kv.iter_mut() {
                 if let Some((k, v)) = entry.take() {
-                    *entry = Some((k.narrow(2, 0, n)?.contiguous()?, v.narrow(2, 0, n)?.contiguous()?));
+                    *entry = Some((
+                        k.narrow(2, 0, n)?.contiguous()?,
+                        v.narrow(2, 0, n)?.contiguous()?,
+                    ));
                 }
             }
         }
@@ -114,7 +117,11 @@ impl LlamaModel {
     ) -> candle_core::Result<Self> {
         let half = shape.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / shape.rope_theta.powf((2 * i) as f32 / shape.head_dim as f32))
+            .map(|i| {
+                1.0 / shape
+                    .rope_theta
+                    .powf((2 * i) as f32 / shape.head_dim as f32)
+            })
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let positions = Tensor::arange(0u32, shape.max_position as u32, device)?
@@ -169,7 +176,11 @@ impl LlamaModel {
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        let mask = if t > 1 { Some(self.causal_mask(t, pos)?) } else { None };
+        let mask = if t > 1 {
+            Some(self.causal_mask(t, pos)?)
+        } else {
+            None
+        };
         let scale = 1.0 / (s.head_dim as f64).sqrt();
         for (layer, entry) in self.layers.iter().zip(cache.kv.iter_mut()) {
             let residual = &x;
@@ -177,13 +188,28 @@ impl LlamaModel {
             let q = layer.wq.forward(&h)?;
             let k = layer.wk.forward(&h)?;
             let v = layer.wv.forward(&h)?;
-            let q = q.reshape((1, t, s.num_heads, s.head_dim))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((1, t, s.num_kv_heads, s.head_dim))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((1, t, s.num_kv_heads, s.head_dim))?.transpose(1, 2)?.contiguous()?;
+            let q = q
+                .reshape((1, t, s.num_heads, s.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = k
+                .reshape((1, t, s.num_kv_heads, s.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = v
+                .reshape((1, t, s.num_kv_heads, s.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let (q, k) = if self.interleaved_rope {
-                (candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)
+                (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                )
             } else {
-                (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?)
+                (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                )
             };
             let (k, v) = match entry.take() {
                 Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -201,9 +227,13 @@ impl LlamaModel {
             let att = if self.dtype == DType::F32 {
                 candle_nn::ops::softmax_last_dim(&att)?
             } else {
-                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?
+                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
+                    .to_dtype(self.dtype)?
             };
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((1, t, s.num_heads * s.head_dim))?;
+            let y = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((1, t, s.num_heads * s.head_dim))?;
             let x1 = (residual + layer.wo.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, s.rms_norm_eps as f32)?;
             let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
@@ -214,21 +244,38 @@ impl LlamaModel {
         let last = x.narrow(1, t - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, s.rms_norm_eps as f32)?;
         let logits = self.lm_head.forward(&last)?;
-        logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?.contiguous()
+        logits
+            .squeeze(0)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .contiguous()
     }
 
     /// Position i (absolute `offset + i`) may look at keys 0..=offset+i.
     fn causal_mask(&self, t: usize, offset: usize) -> candle_core::Result<Tensor> {
         let total = offset + t;
         let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
         Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)
     }
 
     /// Runs a prompt, reusing `cache` where it already covers a prefix of `tokens`. Returns the
     /// logits after the last token and how many tokens were reused.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut SeqCache, chunk: usize) -> candle_core::Result<(Tensor, usize)> {
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        cache: &mut SeqCache,
+        chunk: usize,
+    ) -> candle_core::Result<(Tensor, usize)> {
         let common = cache
             .tokens
             .iter()

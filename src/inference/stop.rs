@@ -105,7 +105,10 @@ mod tests {
     use super::*;
 
     fn stops() -> Vec<String> {
-        crate::prompt::ROLE_STOPS.iter().map(|s| s.to_string()).collect()
+        crate::prompt::ROLE_STOPS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     fn run(pieces: &[&str]) -> (Vec<String>, bool, String) {
@@ -131,7 +134,11 @@ mod tests {
     #[test]
     fn stop_split_over_pieces_is_never_shown() {
         let cases: &[(&[&str], &str, bool)] = &[
-            (&[" Hello", " there", "\n", "US", "ER", ":", " more"], "Hello there", true),
+            (
+                &[" Hello", " there", "\n", "US", "ER", ":", " more"],
+                "Hello there",
+                true,
+            ),
             (&["Hi", "\nASS", "ISTANT:"], "Hi", true),
             (&["a\nSYSTEM: x"], "a", true),
             (&["Use", "\nUS", "B", " sticks"], "Use\nUSB sticks", false),
@@ -144,7 +151,10 @@ mod tests {
             assert_eq!(deltas.concat(), *want, "{pieces:?}");
             assert_eq!(stopped, *want_stop, "{pieces:?}");
             for d in &deltas {
-                assert!(!d.contains("USER:") && !d.contains("ASSISTANT:") && !d.contains("SYSTEM:"), "{d:?}");
+                assert!(
+                    !d.contains("USER:") && !d.contains("ASSISTANT:") && !d.contains("SYSTEM:"),
+                    "{d:?}"
+                );
             }
         }
     }

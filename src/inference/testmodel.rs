@@ -67,25 +67,63 @@ pub fn random_weights(shape: &LlamaShape, seed: u64) -> candle_core::Result<Vec<
     let kv_out = s.num_kv_heads * s.head_dim;
     let lin = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
     let mut out = Vec::new();
-    out.push(("model.embed_tokens.weight".to_string(), random(&mut rng, &[s.vocab_size, h], 1.0, 0.0)?));
+    out.push((
+        "model.embed_tokens.weight".to_string(),
+        random(&mut rng, &[s.vocab_size, h], 1.0, 0.0)?,
+    ));
     for l in 0..s.num_layers {
         let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), random(&mut rng, &[h], 0.1, 1.0)?));
-        out.push((format!("{p}.self_attn.q_proj.weight"), random(&mut rng, &[q_out, h], lin(h), 0.0)?));
-        out.push((format!("{p}.self_attn.k_proj.weight"), random(&mut rng, &[kv_out, h], lin(h), 0.0)?));
-        out.push((format!("{p}.self_attn.v_proj.weight"), random(&mut rng, &[kv_out, h], lin(h), 0.0)?));
-        out.push((format!("{p}.self_attn.o_proj.weight"), random(&mut rng, &[h, q_out], lin(q_out) * 0.5, 0.0)?));
-        out.push((format!("{p}.post_attention_layernorm.weight"), random(&mut rng, &[h], 0.1, 1.0)?));
-        out.push((format!("{p}.mlp.gate_proj.weight"), random(&mut rng, &[s.intermediate_size, h], lin(h), 0.0)?));
-        out.push((format!("{p}.mlp.up_proj.weight"), random(&mut rng, &[s.intermediate_size, h], lin(h), 0.0)?));
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            random(&mut rng, &[h], 0.1, 1.0)?,
+        ));
+        out.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            random(&mut rng, &[q_out, h], lin(h), 0.0)?,
+        ));
+        out.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            random(&mut rng, &[kv_out, h], lin(h), 0.0)?,
+        ));
+        out.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            random(&mut rng, &[kv_out, h], lin(h), 0.0)?,
+        ));
+        out.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            random(&mut rng, &[h, q_out], lin(q_out) * 0.5, 0.0)?,
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            random(&mut rng, &[h], 0.1, 1.0)?,
+        ));
+        out.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            random(&mut rng, &[s.intermediate_size, h], lin(h), 0.0)?,
+        ));
+        out.push((
+            format!("{p}.mlp.up_proj.weight"),
+            random(&mut rng, &[s.intermediate_size, h], lin(h), 0.0)?,
+        ));
         out.push((
             format!("{p}.mlp.down_proj.weight"),
-            random(&mut rng, &[h, s.intermediate_size], lin(s.intermediate_size) * 0.5, 0.0)?,
+            random(
+                &mut rng,
+                &[h, s.intermediate_size],
+                lin(s.intermediate_size) * 0.5,
+                0.0,
+            )?,
         ));
     }
-    out.push(("model.norm.weight".to_string(), random(&mut rng, &[h], 0.1, 1.0)?));
+    out.push((
+        "model.norm.weight".to_string(),
+        random(&mut rng, &[h], 0.1, 1.0)?,
+    ));
     // Spread-out logits, so greedy choices are not near-ties that rounding could flip.
-    out.push(("lm_head.weight".to_string(), random(&mut rng, &[s.vocab_size, h], 4.0 / (h as f32).sqrt(), 0.0)?));
+    out.push((
+        "lm_head.weight".to_string(),
+        random(&mut rng, &[s.vocab_size, h], 4.0 / (h as f32).sqrt(), 0.0)?,
+    ));
     Ok(out)
 }
 
@@ -121,7 +159,10 @@ pub fn write_hf_dir(
     dtype: DType,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&hf_config(shape))?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&hf_config(shape))?,
+    )?;
     std::fs::copy(tokenizer_json, dir.join("tokenizer.json"))?;
     let weights = random_weights(shape, seed)?;
     let shards = shards.max(1);
@@ -145,7 +186,10 @@ pub fn write_hf_dir(
         candle_core::safetensors::save(&map, dir.join(&file))?;
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index)?,
+    )?;
     Ok(())
 }
 
@@ -154,7 +198,10 @@ pub fn write_hf_dir(
 fn permute_for_gguf(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let hd = rows / heads;
-    w.reshape((heads, 2, hd / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
+    w.reshape((heads, 2, hd / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
 }
 
 /// GGUF quantisation presets: Q4_K_M keeps the output and value projections in Q6_K, like
@@ -186,14 +233,21 @@ impl GgufPreset {
             Self::F32 => GgmlDType::F32,
             Self::F16 => GgmlDType::F16,
             Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4KM if gguf_name == "output.weight" || gguf_name.ends_with("attn_v.weight") => GgmlDType::Q6K,
+            Self::Q4KM if gguf_name == "output.weight" || gguf_name.ends_with("attn_v.weight") => {
+                GgmlDType::Q6K
+            }
             Self::Q4KM => GgmlDType::Q4K,
         }
     }
 }
 
 /// Writes the same random weights as [`write_hf_dir`] as one GGUF file.
-pub fn write_gguf(path: &Path, shape: &LlamaShape, seed: u64, preset: GgufPreset) -> anyhow::Result<()> {
+pub fn write_gguf(
+    path: &Path,
+    shape: &LlamaShape,
+    seed: u64,
+    preset: GgufPreset,
+) -> anyhow::Result<()> {
     let weights = random_weights(shape, seed)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(weights.len());
     for (name, t) in weights {
@@ -210,8 +264,14 @@ pub fn write_gguf(path: &Path, shape: &LlamaShape, seed: u64, preset: GgufPreset
     }
     let u32v = |v: usize| gguf_file::Value::U32(v as u32);
     let metadata: Vec<(&str, gguf_file::Value)> = vec![
-        ("general.architecture", gguf_file::Value::String("llama".into())),
-        ("general.name", gguf_file::Value::String("synthia-bot random test model".into())),
+        (
+            "general.architecture",
+            gguf_file::Value::String("llama".into()),
+        ),
+        (
+            "general.name",
+            gguf_file::Value::String("synthia-bot random test model".into()),
+        ),
         ("llama.context_length", u32v(shape.max_position)),
         ("llama.embedding_length", u32v(shape.hidden_size)),
         ("llama.feed_forward_length", u32v(shape.intermediate_size)),
@@ -219,8 +279,14 @@ pub fn write_gguf(path: &Path, shape: &LlamaShape, seed: u64, preset: GgufPreset
         ("llama.attention.head_count", u32v(shape.num_heads)),
         ("llama.attention.head_count_kv", u32v(shape.num_kv_heads)),
         ("llama.rope.dimension_count", u32v(shape.head_dim)),
-        ("llama.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(shape.rms_norm_eps as f32)),
-        ("llama.rope.freq_base", gguf_file::Value::F32(shape.rope_theta)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            gguf_file::Value::F32(shape.rms_norm_eps as f32),
+        ),
+        (
+            "llama.rope.freq_base",
+            gguf_file::Value::F32(shape.rope_theta),
+        ),
     ];
     let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();

@@ -13,7 +13,8 @@ use super::loader::LoadedModel;
 use super::model::{LlamaModel, SeqCache};
 use super::stop::{Scan, StopScanner};
 use super::{
-    CancelToken, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, GenerationResult, WorkerError,
+    CancelToken, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest,
+    GenerationResult, WorkerError,
 };
 use crate::prompt::TextTokenizer;
 
@@ -210,7 +211,14 @@ impl Worker {
         let position = Arc::new(AtomicUsize::new(0));
         {
             let mut q = self.inner.shared.lock();
-            if q.shutdown || self.inner.thread.lock().map(|t| t.is_none()).unwrap_or(true) {
+            if q.shutdown
+                || self
+                    .inner
+                    .thread
+                    .lock()
+                    .map(|t| t.is_none())
+                    .unwrap_or(true)
+            {
                 return Err(WorkerError::Stopped);
             }
             if q.waiting >= self.inner.capacity {
@@ -298,7 +306,12 @@ impl CachePool {
         self.tick += 1;
         self.entries.insert(conv, (cache, self.tick));
         while self.used() > self.budget {
-            let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) else {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone())
+            else {
                 break;
             };
             tracing::debug!(conversation = %oldest, "evicting attention cache");
@@ -307,7 +320,10 @@ impl CachePool {
     }
 
     fn used(&self) -> u64 {
-        self.entries.values().map(|(c, _)| c.len() as u64 * self.bytes_per_token).sum()
+        self.entries
+            .values()
+            .map(|(c, _)| c.len() as u64 * self.bytes_per_token)
+            .sum()
     }
 }
 
@@ -363,7 +379,10 @@ impl State {
         }
         let _ = p.tx.send(GenerationEvent::Started { serial });
         let conv = p.req.conversation.clone();
-        let mut cache = self.caches.take(&conv).unwrap_or_else(|| self.model.new_cache());
+        let mut cache = self
+            .caches
+            .take(&conv)
+            .unwrap_or_else(|| self.model.new_cache());
         let mut result = GenerationResult {
             text: String::new(),
             finish: FinishReason::Error,
@@ -397,17 +416,30 @@ impl State {
         let _ = p.tx.send(GenerationEvent::Finished(result));
     }
 
-    fn generate(&mut self, p: &Pending, cache: &mut SeqCache, out: &mut GenerationResult) -> candle_core::Result<()> {
+    fn generate(
+        &mut self,
+        p: &Pending,
+        cache: &mut SeqCache,
+        out: &mut GenerationResult,
+    ) -> candle_core::Result<()> {
         let start = Instant::now();
         let prompt = &p.req.prompt;
         let ctx = self.context_length;
         if prompt.len() >= ctx {
-            candle_core::bail!("prompt of {} tokens does not fit the context of {ctx}", prompt.len());
+            candle_core::bail!(
+                "prompt of {} tokens does not fit the context of {ctx}",
+                prompt.len()
+            );
         }
         let max_new = p.req.max_new_tokens.min(ctx - prompt.len());
 
         // Reuse the cached prefix; always recompute at least the last prompt token.
-        let common = cache.tokens().iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = cache
+            .tokens()
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         let reuse = common.min(prompt.len() - 1);
         cache.truncate(reuse)?;
         out.reused_tokens = reuse;
@@ -437,7 +469,11 @@ impl State {
             let rp = p.req.sampling.repetition_penalty;
             if (rp - 1.0).abs() > f32::EPSILON {
                 let from = context.len().saturating_sub(p.req.sampling.repeat_last_n);
-                logits = candle_transformers::utils::apply_repeat_penalty(&logits, rp, &context[from..])?;
+                logits = candle_transformers::utils::apply_repeat_penalty(
+                    &logits,
+                    rp,
+                    &context[from..],
+                )?;
             }
             let token = sampler.sample(&logits)?;
             out.completion_tokens += 1;
@@ -448,7 +484,9 @@ impl State {
                 break FinishReason::Eos;
             }
             context.push(token);
-            let piece = decoder.step(token).map_err(|e| candle_core::Error::Msg(format!("decoding token {token}: {e}")))?;
+            let piece = decoder
+                .step(token)
+                .map_err(|e| candle_core::Error::Msg(format!("decoding token {token}: {e}")))?;
             if let Some(piece) = piece {
                 match scanner.push(&piece) {
                     Scan::Emit(text) => {

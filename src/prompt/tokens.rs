@@ -15,6 +15,9 @@ pub enum TokenizerError {
     Encode(String),
 }
 
+/// A token id and the byte range (start, end) of the text it covers.
+pub type TokenSpan = (u32, (usize, usize));
+
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     bos: u32,
@@ -54,10 +57,15 @@ impl TextTokenizer {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, TokenizerError> {
-        let mut inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         inner.set_encode_special_tokens(true);
-        let bos = inner.token_to_id("<s>").ok_or(TokenizerError::MissingSpecial("<s>"))?;
-        let eos = inner.token_to_id("</s>").ok_or(TokenizerError::MissingSpecial("</s>"))?;
+        let bos = inner
+            .token_to_id("<s>")
+            .ok_or(TokenizerError::MissingSpecial("<s>"))?;
+        let eos = inner
+            .token_to_id("</s>")
+            .ok_or(TokenizerError::MissingSpecial("</s>"))?;
         let mut tok = TextTokenizer {
             inner,
             bos,
@@ -84,12 +92,17 @@ impl TextTokenizer {
     }
 
     /// Token ids and the byte offsets (start, end) in `text` each one covers.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, (usize, usize))>, TokenizerError> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Vec<TokenSpan>, TokenizerError> {
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        Ok(enc.get_ids().iter().copied().zip(enc.get_offsets().iter().copied()).collect())
+        Ok(enc
+            .get_ids()
+            .iter()
+            .copied()
+            .zip(enc.get_offsets().iter().copied())
+            .collect())
     }
 
     /// How many tokens `text`, which starts with "\n", costs when it follows other text in one
@@ -105,7 +118,9 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, true).map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
     pub fn bos(&self) -> u32 {
@@ -181,16 +196,29 @@ mod tests {
         let t = llama2();
         let ids = t.encode("</s> <s> <unk>", true).unwrap();
         assert_eq!(ids[0], 1, "BOS first");
-        assert!(!ids[1..].iter().any(|&id| id <= 2), "no control ids in {ids:?}");
+        assert!(
+            !ids[1..].iter().any(|&id| id <= 2),
+            "no control ids in {ids:?}"
+        );
         assert_eq!(t.decode(&ids).unwrap(), "</s> <s> <unk>");
     }
 
     #[test]
     fn continuation_counts_add_up() {
         let t = llama2();
-        let pieces = ["SYSTEM: be kind", "\nUSER: hi there", "\nASSISTANT: héllo 👋", "\n\nUSER:  spaced", "\nASSISTANT:"];
+        let pieces = [
+            "SYSTEM: be kind",
+            "\nUSER: hi there",
+            "\nASSISTANT: héllo 👋",
+            "\n\nUSER:  spaced",
+            "\nASSISTANT:",
+        ];
         let whole: String = pieces.concat();
-        let sum = t.count(pieces[0]).unwrap() + pieces[1..].iter().map(|p| t.count_continuation(p).unwrap()).sum::<usize>();
+        let sum = t.count(pieces[0]).unwrap()
+            + pieces[1..]
+                .iter()
+                .map(|p| t.count_continuation(p).unwrap())
+                .sum::<usize>();
         assert_eq!(sum, t.count(&whole).unwrap());
     }
 

@@ -29,7 +29,11 @@ fn once(name: &str, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> PathBuf 
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).unwrap();
     write(&scratch).unwrap();
-    let from = if name.ends_with(".gguf") { scratch.join(name) } else { scratch.clone() };
+    let from = if name.ends_with(".gguf") {
+        scratch.join(name)
+    } else {
+        scratch.clone()
+    };
     if std::fs::rename(&from, &target).is_err() && !target.exists() {
         panic!("could not place test model {name}");
     }
@@ -58,7 +62,12 @@ pub fn tiny_gguf(preset: &str) -> PathBuf {
     let dir = once(&format!("tiny-gguf-{preset}"), |dir| {
         let shape = testmodel::named_shape("tiny").unwrap();
         std::fs::copy(tokenizer_path(), dir.join("tokenizer.json"))?;
-        testmodel::write_gguf(&dir.join("model.gguf"), &shape, SEED, GgufPreset::parse(preset).unwrap())
+        testmodel::write_gguf(
+            &dir.join("model.gguf"),
+            &shape,
+            SEED,
+            GgufPreset::parse(preset).unwrap(),
+        )
     });
     dir.join("model.gguf")
 }

@@ -1,0 +1,335 @@
+//! The command line: parsing with clap and running each subcommand.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{LogFormat, Settings, Sources};
+use crate::core::{Assistant, Prompter};
+use crate::inference::{
+    self, GenerationEvent, GenerationRequest, SamplingParams, Worker, WorkerOptions,
+};
+use crate::memory::{ConversationKey, Store};
+use crate::prompt::TextTokenizer;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "synthia-bot",
+    version,
+    about = "A local Synthia-7B for Discord, Matrix and the terminal, with memory"
+)]
+pub struct Cli {
+    /// Configuration file layered over config/default.toml (environment variables
+    /// SYNTHIA_BOT__SECTION__KEY override both).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and exit (0 when valid).
+    CheckConfig,
+    /// Chat in the terminal; the conversation is kept in the database.
+    Chat(ChatArgs),
+    /// Print the exact prompt the next turn would send (token counts on stderr).
+    Prompt(PromptArgs),
+    /// Export conversations as JSON Lines.
+    Export(ExportArgs),
+    /// One raw completion to stdout, for scripts and for checking a model.
+    Generate(GenerateArgs),
+    /// Measure load time, prefill, decode, cache reuse, concurrency and memory.
+    Bench(inference::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Conversation name: `console:<NAME>` in the database.
+    #[arg(long, default_value = "default")]
+    pub conversation: String,
+    /// Model directory or .gguf file (overrides model.path).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PromptArgs {
+    /// Conversation key as `export` prints it, e.g. `console:default` or `discord:GUILD:CHANNEL`.
+    #[arg(long)]
+    pub conversation: String,
+    /// Model directory or .gguf file whose tokenizer counts tokens (overrides model.path).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only this conversation; all when omitted.
+    #[arg(long)]
+    pub conversation: Option<String>,
+    /// Write here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model directory or .gguf file (default: model.path from the configuration).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// The raw prompt, used as given (BOS is added).
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Loads settings for a command; errors name the key.
+pub fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
+    Settings::load(&Sources::standard(config))
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+}
+
+/// Logs to stderr, journald-friendly: no colours unless stderr is a terminal.
+pub fn init_logging(settings: &Settings) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNTHIA_BOT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match settings.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    Ok(Store::open(
+        &settings.memory.database,
+        std::time::Duration::from_millis(u64::from(settings.memory.busy_timeout_ms)),
+    )
+    .await?)
+}
+
+fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
+    let started = std::time::Instant::now();
+    let loaded = inference::load_from_settings(&settings.model).context("cannot load the model")?;
+    tracing::info!(
+        source = %loaded.source.display(),
+        format = ?loaded.format,
+        seconds = started.elapsed().as_secs_f32(),
+        "model loaded"
+    );
+    Ok(Worker::spawn(
+        loaded,
+        WorkerOptions {
+            queue_capacity: settings.model.queue_capacity as usize,
+            kv_cache_budget_bytes: settings.kv_cache_budget_bytes(),
+            prefill_chunk: 512,
+            context_length: settings.model.context_length as usize,
+            start_paused: false,
+        },
+    ))
+}
+
+pub async fn chat(mut settings: Settings, args: ChatArgs) -> anyhow::Result<()> {
+    if let Some(model) = args.model {
+        settings.model.path = model.display().to_string();
+        settings.model.repo.clear();
+    }
+    let store = open_store(&settings).await?;
+    let worker = load_worker(&settings)?;
+    let assistant = Arc::new(Assistant::new(store.clone(), worker.clone(), &settings));
+    let result =
+        crate::adapters::console::run(assistant, &args.conversation, &settings.console.user_name)
+            .await;
+    worker.shutdown();
+    store.close().await;
+    result
+}
+
+/// The tokenizer the configured model uses, without loading its weights.
+fn tokenizer_for(settings: &Settings) -> anyhow::Result<(Arc<TextTokenizer>, usize)> {
+    let m = &settings.model;
+    let mut context = m.context_length as usize;
+    let path = if !m.tokenizer.is_empty() {
+        PathBuf::from(&m.tokenizer)
+    } else if !m.path.is_empty() {
+        let p = Path::new(&m.path);
+        if p.is_dir() {
+            // The model's own window may be smaller than the configured one.
+            if let Ok(text) = std::fs::read_to_string(p.join("config.json"))
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(max) = v.get("max_position_embeddings").and_then(|v| v.as_u64())
+            {
+                context = context.min(max as usize);
+            }
+            p.join("tokenizer.json")
+        } else {
+            p.parent().unwrap_or(Path::new(".")).join("tokenizer.json")
+        }
+    } else {
+        bail!(
+            "set model.path (or model.tokenizer) so the prompt can be counted with the model's tokenizer"
+        );
+    };
+    Ok((Arc::new(TextTokenizer::from_file(&path)?), context))
+}
+
+pub async fn prompt(mut settings: Settings, args: PromptArgs) -> anyhow::Result<()> {
+    if let Some(model) = args.model {
+        settings.model.path = model.display().to_string();
+    }
+    let key: ConversationKey = args.conversation.parse()?;
+    let (tokenizer, context_length) = tokenizer_for(&settings)?;
+    let store = open_store(&settings).await?;
+    let Some(conv) = store.find_conversation(&key).await? else {
+        bail!("no conversation {key} in {}", settings.memory.database);
+    };
+    let prompter = Prompter {
+        tokenizer,
+        context_length,
+        settings: settings.prompt.clone(),
+        default_max_new_tokens: settings.model.max_new_tokens,
+    };
+    // The prompt the newest unanswered question gets, or else the one the next message will get
+    // (shown with an empty message after the last `USER:`).
+    let history = store.since_reset(&conv).await?;
+    let unanswered = history
+        .last()
+        .filter(|m| m.role == crate::memory::Role::User)
+        .map(|m| m.id);
+    let extra = match unanswered {
+        Some(_) => None,
+        None => Some(crate::prompt::Turn {
+            id: i64::MAX,
+            exchange: i64::MAX,
+            role: crate::memory::Role::User,
+            speaker: None,
+            content: String::new(),
+            cached: None,
+        }),
+    };
+    let prepared = prompter
+        .prepare(&store, &conv, unanswered, extra, false)
+        .await?;
+    store.close().await;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", prepared.built.text)?;
+    eprintln!(
+        "tokens: {} (with BOS) + up to {} for the reply, of {}; turns trimmed: {}{}",
+        prepared.built.token_count(),
+        prepared.max_new_tokens,
+        context_length,
+        prepared.built.trimmed_turns,
+        if unanswered.is_none() {
+            "; the next message goes after the last `USER:`"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let conversations = match &args.conversation {
+        Some(k) => {
+            let key: ConversationKey = k.parse()?;
+            match store.find_conversation(&key).await? {
+                Some(c) => vec![c],
+                None => bail!("no conversation {key} in {}", settings.memory.database),
+            }
+        }
+        None => store.conversations().await?,
+    };
+    let mut sink: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot write {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut count = 0;
+    for conv in conversations {
+        for exchange in store.exchanges(&conv).await? {
+            serde_json::to_writer(&mut sink, &exchange)?;
+            sink.write_all(b"\n")?;
+            count += 1;
+        }
+    }
+    sink.flush()?;
+    store.close().await;
+    tracing::info!(exchanges = count, "exported");
+    Ok(())
+}
+
+pub async fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
+    let mut model_settings = settings.model.clone();
+    if let Some(model) = &args.model {
+        model_settings.path = model.display().to_string();
+        model_settings.repo.clear();
+    }
+    let loaded = inference::load_from_settings(&model_settings).context("cannot load the model")?;
+    let prompt = loaded.tokenizer.encode(&args.prompt, true)?;
+    let worker = Worker::spawn(
+        loaded,
+        WorkerOptions {
+            context_length: settings.model.context_length as usize,
+            ..WorkerOptions::default()
+        },
+    );
+    let mut sampling = SamplingParams::from_settings(&settings.sampling);
+    if let Some(t) = args.temperature {
+        sampling.temperature = t;
+    }
+    if let Some(s) = args.seed {
+        sampling.seed = s;
+    }
+    let mut handle = worker.submit(GenerationRequest {
+        conversation: "generate".into(),
+        prompt,
+        sampling,
+        max_new_tokens: args
+            .max_new_tokens
+            .unwrap_or(settings.model.max_new_tokens as usize),
+        stop: Vec::new(),
+    })?;
+    let mut out = std::io::stdout();
+    while let Some(ev) = handle.next().await {
+        match ev {
+            GenerationEvent::Delta(d) => {
+                out.write_all(d.as_bytes())?;
+                out.flush()?;
+            }
+            GenerationEvent::Finished(r) => {
+                writeln!(out)?;
+                if let Some(e) = r.error {
+                    bail!("generation failed: {e}");
+                }
+                eprintln!(
+                    "finish: {:?}; prompt {} tokens, completion {} tokens, decode {:.1} tokens/s",
+                    r.finish,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.completion_tokens as f64 / r.decode_time.as_secs_f64().max(1e-9)
+                );
+                break;
+            }
+            _ => {}
+        }
+    }
+    worker.shutdown();
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! Parsing commands, kept apart from executing them. Adapters strip their own prefix (`/`, `!`)
+//! and hand the rest here.
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// A question sent as a command (`!ask`, `/ask`).
+    Ask(String),
+    Reset,
+    Forget,
+    /// `None` shows the current system prompt.
+    System(Option<String>),
+    Set(Setting),
+    Stop,
+    Help,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Setting {
+    Temperature(f64),
+    MaxTokens(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    #[error("unknown command `{0}`")]
+    Unknown(String),
+    #[error("`{0}` needs {1}")]
+    MissingArgument(&'static str, &'static str),
+    #[error("{0}")]
+    BadValue(String),
+}
+
+impl Command {
+    /// Commands that change or delete what the conversation remembers need an admin, or the
+    /// owner of a private conversation.
+    pub fn needs_admin(&self) -> bool {
+        matches!(
+            self,
+            Command::Reset | Command::Forget | Command::System(Some(_)) | Command::Set(_)
+        )
+    }
+}
+
+pub fn parse(text: &str) -> Result<Command, CommandError> {
+    let text = text.trim();
+    let (name, rest) = match text.split_once(char::is_whitespace) {
+        Some((n, r)) => (n, r.trim()),
+        None => (text, ""),
+    };
+    match name.to_lowercase().as_str() {
+        "ask" => {
+            if rest.is_empty() {
+                Err(CommandError::MissingArgument("ask", "a question"))
+            } else {
+                Ok(Command::Ask(rest.to_string()))
+            }
+        }
+        "reset" | "clear" => Ok(Command::Reset),
+        "forget" => Ok(Command::Forget),
+        "system" => Ok(Command::System(
+            (!rest.is_empty()).then(|| rest.to_string()),
+        )),
+        "stop" | "cancel" => Ok(Command::Stop),
+        "help" | "" => Ok(Command::Help),
+        "set" => parse_set(rest),
+        other => Err(CommandError::Unknown(other.to_string())),
+    }
+}
+
+fn parse_set(rest: &str) -> Result<Command, CommandError> {
+    let mut parts = rest.split_whitespace();
+    let key = parts.next().ok_or(CommandError::MissingArgument(
+        "set",
+        "temperature or max_tokens and a value",
+    ))?;
+    let value = parts
+        .next()
+        .ok_or(CommandError::MissingArgument("set", "a value"))?;
+    match key.to_lowercase().replace('-', "_").as_str() {
+        "temperature" | "temp" => {
+            let v: f64 = value
+                .parse()
+                .map_err(|_| CommandError::BadValue(format!("`{value}` is not a number")))?;
+            if !(0.0..=5.0).contains(&v) {
+                return Err(CommandError::BadValue(
+                    "temperature must be between 0 and 5".into(),
+                ));
+            }
+            Ok(Command::Set(Setting::Temperature(v)))
+        }
+        "max_tokens" | "max_new_tokens" => {
+            let v: u32 = value
+                .parse()
+                .map_err(|_| CommandError::BadValue(format!("`{value}` is not a whole number")))?;
+            if v == 0 {
+                return Err(CommandError::BadValue(
+                    "max_tokens must be at least 1".into(),
+                ));
+            }
+            Ok(Command::Set(Setting::MaxTokens(v)))
+        }
+        other => Err(CommandError::BadValue(format!(
+            "unknown setting `{other}` (use temperature or max_tokens)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let cases: &[(&str, Result<Command, CommandError>)] = &[
+            ("reset", Ok(Command::Reset)),
+            ("  RESET  ", Ok(Command::Reset)),
+            ("forget", Ok(Command::Forget)),
+            ("system", Ok(Command::System(None))),
+            (
+                "system Be brief.  ",
+                Ok(Command::System(Some("Be brief.".into()))),
+            ),
+            (
+                "set temperature 0.2",
+                Ok(Command::Set(Setting::Temperature(0.2))),
+            ),
+            (
+                "set max_tokens 128",
+                Ok(Command::Set(Setting::MaxTokens(128))),
+            ),
+            (
+                "set max-tokens 64",
+                Ok(Command::Set(Setting::MaxTokens(64))),
+            ),
+            (
+                "set temperature hot",
+                Err(CommandError::BadValue("`hot` is not a number".into())),
+            ),
+            (
+                "set temperature 9",
+                Err(CommandError::BadValue(
+                    "temperature must be between 0 and 5".into(),
+                )),
+            ),
+            (
+                "set max_tokens 0",
+                Err(CommandError::BadValue(
+                    "max_tokens must be at least 1".into(),
+                )),
+            ),
+            (
+                "set",
+                Err(CommandError::MissingArgument(
+                    "set",
+                    "temperature or max_tokens and a value",
+                )),
+            ),
+            (
+                "set colour blue",
+                Err(CommandError::BadValue(
+                    "unknown setting `colour` (use temperature or max_tokens)".into(),
+                )),
+            ),
+            ("stop", Ok(Command::Stop)),
+            ("help", Ok(Command::Help)),
+            (
+                "ask what is rust?",
+                Ok(Command::Ask("what is rust?".into())),
+            ),
+            (
+                "ask",
+                Err(CommandError::MissingArgument("ask", "a question")),
+            ),
+            ("dance", Err(CommandError::Unknown("dance".into()))),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&parse(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn admin_commands() {
+        assert!(parse("reset").unwrap().needs_admin());
+        assert!(parse("system x").unwrap().needs_admin());
+        assert!(!parse("system").unwrap().needs_admin());
+        assert!(!parse("stop").unwrap().needs_admin());
+        assert!(!parse("ask hi").unwrap().needs_admin());
+    }
+}

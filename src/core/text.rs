@@ -1,0 +1,77 @@
+//! Every sentence the bot says to users, in one place.
+
+use super::commands::CommandError;
+
+pub const HELP: &str = "I'm Synthia. Mention me or write to me directly and I'll answer; I remember this conversation.\n\
+Commands:\n\
+  ask <question>   ask a question\n\
+  reset            start afresh (earlier messages stay in the log but leave my memory)\n\
+  forget           delete this conversation's history for good\n\
+  system [text]    show or set my instructions for this conversation\n\
+  set temperature <0-5> | set max_tokens <n>   change how I answer here\n\
+  stop             stop the reply I'm writing";
+
+pub const NOT_ALLOWED: &str = "Sorry, only an admin can do that here.";
+pub const RESET_DONE: &str =
+    "Done: I've started afresh. Earlier messages no longer shape my answers.";
+pub const FORGET_DONE: &str = "Done: this conversation's history is deleted.";
+pub const NOTHING_TO_STOP: &str = "I'm not writing anything right now.";
+pub const STOPPED: &str = "Stopped.";
+pub const BUSY: &str = "I'm handling too many questions right now. Please try again in a minute.";
+pub const UNAVAILABLE: &str =
+    "The language model isn't available right now. An operator has been told.";
+pub const FAILED: &str = "Something went wrong while I was answering. Please try again.";
+pub const STORAGE_FAILED: &str =
+    "I couldn't save your message, so I won't answer it yet. Please try again shortly.";
+pub const EMPTY: &str = "Your message is empty; ask me something.";
+pub const CANCELLED_SUFFIX: &str = " … (stopped)";
+
+pub fn rate_limited(seconds: u64) -> String {
+    format!("You're sending messages faster than I can answer. Try again in {seconds} s.")
+}
+
+pub fn too_long(chars: usize, limit: usize) -> String {
+    format!(
+        "Your message is too long ({chars} characters; the limit is {limit}). Please shorten it."
+    )
+}
+
+pub fn cut(chars: usize) -> String {
+    format!(
+        "Your message was too long for my memory, so I only read its beginning ({chars} characters left out)."
+    )
+}
+
+pub fn queued(position: usize) -> String {
+    format!("You're number {position} in the queue; I'll answer as soon as I can.")
+}
+
+pub fn system_is(system: &str, custom: bool) -> String {
+    if custom {
+        format!("My instructions here: {system}")
+    } else {
+        format!("My instructions here (the default): {system}")
+    }
+}
+
+pub fn system_set(system: &str) -> String {
+    format!("Instructions for this conversation set to: {system}")
+}
+
+pub fn temperature_set(v: f64) -> String {
+    format!("Temperature for this conversation set to {v}.")
+}
+
+pub fn max_tokens_set(v: u32, effective: u32) -> String {
+    if v == effective {
+        format!("Replies here may now be up to {v} tokens long.")
+    } else {
+        format!(
+            "Replies here may now be up to {effective} tokens long ({v} is more than the model allows)."
+        )
+    }
+}
+
+pub fn bad_command(e: &CommandError) -> String {
+    format!("I didn't understand that: {e}. Try `help`.")
+}

@@ -1,0 +1,340 @@
+//! `synthia-bot bench`: load time, prefill and decode speed, what the conversation cache saves
+//! on a follow-up turn, throughput with concurrent conversations, and peak memory.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use candle_core::DType;
+use clap::Args;
+use serde::Serialize;
+
+use super::testmodel::{self, GgufPreset};
+use super::{GenerationRequest, LoadOptions, SamplingParams, Worker, WorkerOptions, load};
+use crate::config::{DTypeChoice, DeviceChoice};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A model directory or .gguf file to measure.
+    #[arg(long, value_name = "PATH", conflicts_with = "random")]
+    pub model: Option<PathBuf>,
+    /// Write (once, seeded) and measure a random-weight model of this shape.
+    #[arg(long, value_parser = ["tiny", "small", "7b"])]
+    pub random: Option<String>,
+    /// With --random: write it as GGUF of this type instead of safetensors.
+    #[arg(long, value_parser = ["q4_k_m", "q8_0", "f16", "f32"], requires = "random")]
+    pub gguf: Option<String>,
+    /// Tokenizer for random models.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "tests/fixtures/llama2-tokenizer/tokenizer.json"
+    )]
+    pub tokenizer: PathBuf,
+    /// Where random models are written and reused.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// CPU threads (default: model.threads from the configuration).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, value_parser = ["auto", "cpu", "cuda"], default_value = "auto")]
+    pub device: String,
+    /// Safetensors dtype on the device.
+    #[arg(long, value_parser = ["auto", "f32", "f16", "bf16"], default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Concurrent conversations to measure, comma-separated.
+    #[arg(long, default_value = "1,4,8", value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConcurrencyFigure {
+    pub conversations: usize,
+    pub aggregate_tokens_per_s: f64,
+    pub per_conversation_tokens_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub format: String,
+    pub device: String,
+    pub threads: usize,
+    pub parameters: usize,
+    pub weight_bytes: u64,
+    pub load_s: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: f64,
+    pub follow_up_ttft_cached_ms: f64,
+    pub follow_up_ttft_uncached_ms: f64,
+    pub cache_speedup: f64,
+    pub concurrency: Vec<ConcurrencyFigure>,
+    pub peak_rss_bytes: u64,
+}
+
+fn parameters(shape: &super::LlamaShape) -> usize {
+    let h = shape.hidden_size;
+    let kv = shape.num_kv_heads * shape.head_dim;
+    let q = shape.num_heads * shape.head_dim;
+    let layer = h * q * 2 + h * kv * 2 + 3 * h * shape.intermediate_size + 2 * h;
+    2 * shape.vocab_size * h + shape.num_layers * layer + h
+}
+
+/// Peak resident memory of this process, from the kernel.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
+    let shape = testmodel::named_shape(shape_name).context("unknown shape")?;
+    if !args.tokenizer.exists() {
+        bail!(
+            "tokenizer {} not found; pass --tokenizer with the Llama-2 tokenizer.json",
+            args.tokenizer.display()
+        );
+    }
+    let dir = args.dir.clone().unwrap_or_else(default_dir);
+    std::fs::create_dir_all(&dir)?;
+    const SEED: u64 = 20_240_601;
+    match &args.gguf {
+        Some(preset) => {
+            let folder = dir.join(format!("{shape_name}-{preset}"));
+            let file = folder.join("model.gguf");
+            if !file.exists() {
+                std::fs::create_dir_all(&folder)?;
+                eprintln!(
+                    "writing random {shape_name} model as GGUF {preset} to {}",
+                    file.display()
+                );
+                let p = GgufPreset::parse(preset).context("unknown GGUF type")?;
+                testmodel::write_gguf(&file, &shape, SEED, p)?;
+                std::fs::copy(&args.tokenizer, folder.join("tokenizer.json"))?;
+            }
+            Ok(file)
+        }
+        None => {
+            let folder = dir.join(format!("{shape_name}-safetensors"));
+            if !folder.join("model.safetensors").exists() {
+                eprintln!("writing random {shape_name} model to {}", folder.display());
+                let dtype = if shape_name == "7b" {
+                    DType::F16
+                } else {
+                    DType::F32
+                };
+                testmodel::write_hf_dir(&folder, &shape, SEED, &args.tokenizer, 1, dtype)?;
+            }
+            Ok(folder)
+        }
+    }
+}
+
+/// Prompt ids of exactly `n` tokens (BOS first) from ordinary English text.
+fn synthetic_prompt(tok: &crate::prompt::TextTokenizer, n: usize) -> anyhow::Result<Vec<u32>> {
+    let para = "The river ran through the valley, past farms and mills, and the people who lived along it \
+                told stories of floods and droughts, of harvests and of the long winters when the water froze. ";
+    let mut ids = vec![tok.bos()];
+    while ids.len() < n {
+        ids.extend(tok.encode(para, false)?);
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let path = match (&args.model, &args.random) {
+        (Some(p), _) => p.clone(),
+        (None, Some(shape)) => random_model(args, shape)?,
+        (None, None) => bail!("pass --model PATH or --random tiny|small|7b"),
+    };
+    let opts = LoadOptions {
+        device: match args.device.as_str() {
+            "cpu" => DeviceChoice::Cpu,
+            "cuda" => DeviceChoice::Cuda,
+            _ => DeviceChoice::Auto,
+        },
+        dtype: match args.dtype.as_str() {
+            "f32" => DTypeChoice::F32,
+            "f16" => DTypeChoice::F16,
+            "bf16" => DTypeChoice::Bf16,
+            _ => DTypeChoice::Auto,
+        },
+        tokenizer: None,
+    };
+    let t0 = Instant::now();
+    let loaded = load(&path, &opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let model = &loaded.model;
+    let tok = loaded.tokenizer.clone();
+    let ctx = model.shape.max_position;
+
+    // Prefill, then decode greedily from it (ignoring end-of-sequence: this measures speed).
+    let prompt = synthetic_prompt(&tok, args.prompt_tokens.min(ctx / 2))?;
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let (mut logits, _) = model.prefill(&prompt, &mut cache, 512)?;
+    let prefill = t.elapsed();
+    let t = Instant::now();
+    for _ in 0..args.decode_tokens {
+        let next = super::model::argmax(&logits)?;
+        logits = model.forward(&[next], &mut cache)?;
+    }
+    let decode = t.elapsed();
+
+    // A 30-token follow-up on a 1,000-token history, with and without the cached history.
+    let history = synthetic_prompt(&tok, 1000.min(ctx - 64))?;
+    let follow: Vec<u32> = history
+        .iter()
+        .copied()
+        .chain(synthetic_prompt(&tok, 31)?.into_iter().skip(1))
+        .collect();
+    let mut cached = model.new_cache();
+    model.prefill(&history, &mut cached, 512)?;
+    let t = Instant::now();
+    let (l, _) = model.prefill(&follow, &mut cached, 512)?;
+    super::model::argmax(&l)?;
+    let ttft_cached = t.elapsed();
+    let mut fresh = model.new_cache();
+    let t = Instant::now();
+    let (l, _) = model.prefill(&follow, &mut fresh, 512)?;
+    super::model::argmax(&l)?;
+    let ttft_uncached = t.elapsed();
+    drop((cache, cached, fresh));
+
+    let shape = model.shape.clone();
+    let device = format!("{:?}", model.device());
+    let format = format!("{:?}", loaded.format);
+    let weight_bytes = loaded.weight_bytes;
+    let worker = Worker::spawn(
+        loaded,
+        WorkerOptions {
+            queue_capacity: 256,
+            context_length: ctx,
+            ..WorkerOptions::default()
+        },
+    );
+    let short = synthetic_prompt(&tok, 64)?;
+    let mut concurrency = Vec::new();
+    for &n in &args.concurrency {
+        let t = Instant::now();
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                worker.submit(GenerationRequest {
+                    conversation: format!("bench-{n}-{i}"),
+                    prompt: short.clone(),
+                    sampling: SamplingParams::greedy(),
+                    max_new_tokens: args.decode_tokens,
+                    stop: Vec::new(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let mut tokens = 0;
+        let mut per = Vec::new();
+        for h in handles {
+            let r = h.blocking_finish();
+            tokens += r.completion_tokens;
+            let spent = r.queue_time + r.prefill_time + r.decode_time;
+            per.push(r.completion_tokens as f64 / spent.as_secs_f64().max(1e-9));
+        }
+        let wall = t.elapsed();
+        concurrency.push(ConcurrencyFigure {
+            conversations: n,
+            aggregate_tokens_per_s: tokens as f64 / wall.as_secs_f64(),
+            per_conversation_tokens_per_s: per.iter().sum::<f64>() / per.len().max(1) as f64,
+        });
+    }
+    worker.shutdown();
+    let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    Ok(BenchReport {
+        model: path.display().to_string(),
+        format,
+        device,
+        threads: std::env::var("CANDLE_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            }),
+        parameters: parameters(&shape),
+        weight_bytes,
+        load_s,
+        prefill_tokens: prompt.len(),
+        prefill_tokens_per_s: per_s(prompt.len(), prefill),
+        decode_tokens: args.decode_tokens,
+        decode_tokens_per_s: per_s(args.decode_tokens, decode),
+        follow_up_ttft_cached_ms: ttft_cached.as_secs_f64() * 1e3,
+        follow_up_ttft_uncached_ms: ttft_uncached.as_secs_f64() * 1e3,
+        cache_speedup: ttft_uncached.as_secs_f64() / ttft_cached.as_secs_f64().max(1e-9),
+        concurrency,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    writeln!(out, "model        {}", r.model)?;
+    writeln!(
+        out,
+        "format       {} on {}, {} thread(s)",
+        r.format, r.device, r.threads
+    )?;
+    writeln!(
+        out,
+        "size         {:.1}M parameters, {:.1} MiB of weights",
+        r.parameters as f64 / 1e6,
+        mib(r.weight_bytes)
+    )?;
+    writeln!(out, "load         {:.2} s", r.load_s)?;
+    writeln!(
+        out,
+        "prefill      {:.1} tokens/s ({} tokens)",
+        r.prefill_tokens_per_s, r.prefill_tokens
+    )?;
+    writeln!(
+        out,
+        "decode       {:.1} tokens/s ({} tokens)",
+        r.decode_tokens_per_s, r.decode_tokens
+    )?;
+    writeln!(
+        out,
+        "follow-up    first token {:.1} ms with the cache, {:.1} ms without ({:.1}x)",
+        r.follow_up_ttft_cached_ms, r.follow_up_ttft_uncached_ms, r.cache_speedup
+    )?;
+    for c in &r.concurrency {
+        writeln!(
+            out,
+            "concurrent   {:>2} conversations: {:.1} tokens/s in all, {:.1} tokens/s each",
+            c.conversations, c.aggregate_tokens_per_s, c.per_conversation_tokens_per_s
+        )?;
+    }
+    writeln!(
+        out,
+        "peak memory  {:.1} MiB resident",
+        mib(r.peak_rss_bytes)
+    )?;
+    Ok(())
+}
+
+/// Where `bench --random` keeps its models unless told otherwise.
+pub fn default_dir() -> PathBuf {
+    std::env::temp_dir().join("synthia-bot-bench")
+}
