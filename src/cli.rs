@@ -136,9 +136,10 @@ fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
         WorkerOptions {
             queue_capacity: settings.model.queue_capacity as usize,
             kv_cache_budget_bytes: settings.kv_cache_budget_bytes(),
-            prefill_chunk: 512,
+            prefill_chunk: settings.model.prefill_chunk as usize,
             context_length: settings.model.context_length as usize,
             start_paused: false,
+            max_batch: settings.model.max_batch as usize,
         },
     ))
 }

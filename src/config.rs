@@ -74,6 +74,10 @@ pub struct ModelSettings {
     pub kv_cache_budget: String,
     /// Requests waiting for the worker before new ones are refused as busy.
     pub queue_capacity: u32,
+    /// Conversations decoded together in one pass over the weights; 1 = no batching.
+    pub max_batch: u32,
+    /// Prompt tokens read per step while other replies keep decoding.
+    pub prefill_chunk: u32,
 }
 
 impl Default for ModelSettings {
@@ -92,6 +96,8 @@ impl Default for ModelSettings {
             threads: 1,
             kv_cache_budget: "1GiB".into(),
             queue_capacity: 64,
+            max_batch: 8,
+            prefill_chunk: 512,
         }
     }
 }
@@ -410,6 +416,18 @@ impl Settings {
                     "must be less than model.context_length ({}), or no room is left for the prompt",
                     m.context_length
                 ),
+            ));
+        }
+        if m.max_batch == 0 || m.max_batch > 256 {
+            return Err(ConfigError::new(
+                "model.max_batch",
+                "must be between 1 and 256",
+            ));
+        }
+        if m.prefill_chunk == 0 {
+            return Err(ConfigError::new(
+                "model.prefill_chunk",
+                "must be at least 1",
             ));
         }
         if m.queue_capacity == 0 {

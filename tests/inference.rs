@@ -206,7 +206,8 @@ fn worker_reuses_a_conversations_cache_and_evicts_lru() {
 
     // A budget that holds one conversation: the least recently used one is evicted.
     let shape = synthia_bot::inference::testmodel::named_shape("tiny").unwrap();
-    let one = (shape.kv_bytes_per_token(DType::F32) * (p1.len() + 6)) as u64;
+    // Caches grow in 256-position blocks: room for one block, not two.
+    let one = (shape.kv_bytes_per_token(DType::F32) * 384) as u64;
     let small = worker(
         &dir,
         WorkerOptions {
@@ -539,4 +540,190 @@ fn broken_models_give_clear_errors() {
     if !cfg!(feature = "cuda") {
         assert!(matches!(cuda, Err(LoadError::Device(_))));
     }
+}
+
+/// Greedy outputs of each prompt decoded alone (one conversation at a time).
+fn alone(path: &Path, prompts: &[Vec<u32>], max_new: usize) -> Vec<Vec<u32>> {
+    let w = worker(
+        path,
+        WorkerOptions {
+            max_batch: 1,
+            ..WorkerOptions::default()
+        },
+    );
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            w.submit(request(&format!("alone-{i}"), p.clone(), max_new))
+                .unwrap()
+                .blocking_finish()
+                .tokens
+        })
+        .collect()
+}
+
+fn five_prompts() -> Vec<Vec<u32>> {
+    [
+        "SYSTEM: sys\nUSER: hi\nASSISTANT:",
+        "SYSTEM: You are Synthia.\nUSER: Tell me about rivers and the sea, at length please.\nASSISTANT:",
+        "USER: 2+2?\nASSISTANT:",
+        "SYSTEM: sys\nUSER: one\nASSISTANT: two\nUSER: three\nASSISTANT: four\nUSER: five\nASSISTANT:",
+        "Once",
+    ]
+    .iter()
+    .map(|t| prompt_ids(t))
+    .collect()
+}
+
+#[test]
+fn batched_decoding_equals_decoding_alone() {
+    let prompts = five_prompts();
+    for path in [common::tiny_hf(), common::tiny_gguf("q8_0")] {
+        let want = alone(&path, &prompts, 20);
+        let w = worker(
+            &path,
+            WorkerOptions {
+                start_paused: true,
+                max_batch: 8,
+                prefill_chunk: 16,
+                ..WorkerOptions::default()
+            },
+        );
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                w.submit(request(&format!("together-{i}"), p.clone(), 20))
+                    .unwrap()
+            })
+            .collect();
+        w.resume();
+        let got: Vec<Vec<u32>> = handles
+            .into_iter()
+            .map(|h| h.blocking_finish().tokens)
+            .collect();
+        assert_eq!(got, want, "{}", path.display());
+        assert!(got.iter().all(|t| !t.is_empty()));
+    }
+}
+
+#[test]
+fn joining_and_cancelled_requests_leave_the_others_unchanged() {
+    let dir = common::tiny_hf();
+    let prompts = five_prompts();
+    let want = alone(&dir, &prompts[..4], 24);
+    let w = worker(&dir, WorkerOptions::default());
+    let mut a = w.submit(request("a", prompts[0].clone(), 24)).unwrap();
+    let b = w.submit(request("b", prompts[1].clone(), 500)).unwrap();
+    let c = w.submit(request("c", prompts[2].clone(), 24)).unwrap();
+    // Once `a` is streaming, `d` joins mid-way and `b` is cancelled mid-way.
+    let mut a_tokens_seen = false;
+    while let Some(ev) = a.blocking_next() {
+        if let GenerationEvent::Delta(_) = ev {
+            a_tokens_seen = true;
+            break;
+        }
+        assert!(!matches!(ev, GenerationEvent::Finished(_)));
+    }
+    assert!(a_tokens_seen);
+    let d = w.submit(request("d", prompts[3].clone(), 24)).unwrap();
+    b.cancel();
+    let rb = b.blocking_finish();
+    assert_eq!(rb.finish, FinishReason::Cancelled);
+    assert!(rb.completion_tokens < 500);
+    assert_eq!(a.blocking_finish().tokens, want[0]);
+    assert_eq!(c.blocking_finish().tokens, want[2]);
+    assert_eq!(d.blocking_finish().tokens, want[3]);
+}
+
+#[test]
+fn batched_forward_rows_equal_the_candle_reference() {
+    let dir = common::tiny_hf();
+    let loaded = load(&dir, &opts()).unwrap();
+    let model = &loaded.model;
+    let prompts = five_prompts();
+    let dev = Device::Cpu;
+    let cfg: reference::LlamaConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = cfg.into_config(false);
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &dev,
+        )
+    }
+    .unwrap();
+    let llama = reference::Llama::load(vb, &cfg).unwrap();
+    let reference_logits = |tokens: &[u32]| {
+        let mut cache = reference::Cache::new(false, DType::F32, &cfg, &dev).unwrap();
+        let input = Tensor::new(tokens, &dev).unwrap().unsqueeze(0).unwrap();
+        llama
+            .forward(&input, 0, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    // A mixed step: three prompts of different lengths read together.
+    let mut caches: Vec<_> = (0..3).map(|_| model.new_cache()).collect();
+    let logits = {
+        let mut items: Vec<_> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(cache, p)| synthia_bot::inference::model::BatchItem { tokens: p, cache })
+            .collect();
+        model.forward_batch(&mut items).unwrap()
+    };
+    for (row, p) in prompts.iter().take(3).enumerate() {
+        let diff = max_abs_diff(
+            &logits.get(row).unwrap().to_vec1().unwrap(),
+            &reference_logits(p),
+        );
+        assert!(diff <= 1e-4, "prefill row {row}: {diff}");
+    }
+    // A decode step: each sequence at its own position.
+    let next: Vec<[u32; 1]> = (0..3).map(|i| [100 + i as u32 * 7]).collect();
+    let logits = {
+        let mut items: Vec<_> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, t)| synthia_bot::inference::model::BatchItem { tokens: t, cache })
+            .collect();
+        model.forward_batch(&mut items).unwrap()
+    };
+    for row in 0..3 {
+        let full: Vec<u32> = prompts[row].iter().copied().chain(next[row]).collect();
+        let diff = max_abs_diff(
+            &logits.get(row).unwrap().to_vec1().unwrap(),
+            &reference_logits(&full),
+        );
+        assert!(diff <= 1e-4, "decode row {row}: {diff}");
+    }
+}
+
+#[test]
+fn chunked_prefill_in_the_worker_equals_one_shot() {
+    let dir = common::tiny_hf();
+    let long = prompt_ids(&"SYSTEM: sys\nUSER: a long question about many things ".repeat(12));
+    let one_shot = worker(&dir, WorkerOptions::default());
+    let chunked = worker(
+        &dir,
+        WorkerOptions {
+            prefill_chunk: 7,
+            ..WorkerOptions::default()
+        },
+    );
+    let a = one_shot
+        .submit(request("x", long.clone(), 12))
+        .unwrap()
+        .blocking_finish();
+    let b = chunked
+        .submit(request("x", long, 12))
+        .unwrap()
+        .blocking_finish();
+    assert_eq!(a.tokens, b.tokens);
+    assert!(!a.tokens.is_empty());
 }

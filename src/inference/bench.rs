@@ -47,8 +47,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub decode_tokens: usize,
     /// Concurrent conversations to measure, comma-separated.
-    #[arg(long, default_value = "1,4,8", value_delimiter = ',')]
+    #[arg(long, default_value = "1,2,4,8,16", value_delimiter = ',')]
     pub concurrency: Vec<usize>,
+    /// Measure concurrency only without batching (one conversation per pass over the weights).
+    #[arg(long)]
+    pub no_batching: bool,
+    /// Also time candle-transformers' stock Llama on the same safetensors weights, as a
+    /// reference for our forward pass.
+    #[arg(long)]
+    pub reference: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -57,8 +64,33 @@ pub struct BenchArgs {
 #[derive(Debug, Serialize)]
 pub struct ConcurrencyFigure {
     pub conversations: usize,
+    pub batched: bool,
+    /// All tokens over the whole run, prompt reading included.
     pub aggregate_tokens_per_s: f64,
+    /// All tokens over the time some conversation was decoding (prompt reading excluded).
+    pub aggregate_decode_tokens_per_s: f64,
     pub per_conversation_tokens_per_s: f64,
+}
+
+/// Total length of the union of time intervals.
+fn covered(mut spans: Vec<(f64, f64)>) -> f64 {
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut total = 0.0;
+    let mut current: Option<(f64, f64)> = None;
+    for (from, to) in spans {
+        match current {
+            Some((cf, ct)) if from <= ct => current = Some((cf, ct.max(to))),
+            Some((cf, ct)) => {
+                total += ct - cf;
+                current = Some((from, to));
+            }
+            None => current = Some((from, to)),
+        }
+    }
+    if let Some((cf, ct)) = current {
+        total += ct - cf;
+    }
+    total
 }
 
 #[derive(Debug, Serialize)]
@@ -74,10 +106,14 @@ pub struct BenchReport {
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
     pub decode_tokens_per_s: f64,
+    /// candle-transformers' stock Llama, same weights and steps (with --reference).
+    pub reference_decode_tokens_per_s: Option<f64>,
     pub follow_up_ttft_cached_ms: f64,
     pub follow_up_ttft_uncached_ms: f64,
     pub cache_speedup: f64,
     pub concurrency: Vec<ConcurrencyFigure>,
+    /// First token of a new 64-token request arriving while 8 conversations decode (batched).
+    pub join_ttft_ms: Option<f64>,
     pub peak_rss_bytes: u64,
 }
 
@@ -218,48 +254,104 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let ttft_uncached = t.elapsed();
     drop((cache, cached, fresh));
 
+    let reference = match (&loaded.format, args.reference) {
+        (super::WeightFormat::Safetensors { dtype, files: 1 }, true) => Some(reference_decode(
+            &path,
+            *dtype,
+            model.device(),
+            &prompt,
+            args.decode_tokens,
+        )?),
+        _ => None,
+    };
+
     let shape = model.shape.clone();
     let device = format!("{:?}", model.device());
     let format = format!("{:?}", loaded.format);
     let weight_bytes = loaded.weight_bytes;
+    let max_batch = args.concurrency.iter().copied().max().unwrap_or(1).max(9);
     let worker = Worker::spawn(
         loaded,
         WorkerOptions {
             queue_capacity: 256,
             context_length: ctx,
+            max_batch,
             ..WorkerOptions::default()
         },
     );
     let short = synthetic_prompt(&tok, 64)?;
+    let request = |name: String, max_new: usize| GenerationRequest {
+        conversation: name,
+        prompt: short.clone(),
+        sampling: SamplingParams::greedy(),
+        max_new_tokens: max_new,
+        stop: Vec::new(),
+    };
+    let modes: &[bool] = if args.no_batching {
+        &[false]
+    } else {
+        &[true, false]
+    };
     let mut concurrency = Vec::new();
-    for &n in &args.concurrency {
-        let t = Instant::now();
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                worker.submit(GenerationRequest {
-                    conversation: format!("bench-{n}-{i}"),
-                    prompt: short.clone(),
-                    sampling: SamplingParams::greedy(),
-                    max_new_tokens: args.decode_tokens,
-                    stop: Vec::new(),
+    for &batched in modes {
+        worker.set_max_batch(if batched { max_batch } else { 1 });
+        for &n in &args.concurrency {
+            let t = Instant::now();
+            let handles: Vec<_> = (0..n)
+                .map(|i| {
+                    worker.submit(request(
+                        format!("bench-{batched}-{n}-{i}"),
+                        args.decode_tokens,
+                    ))
                 })
-            })
-            .collect::<Result<_, _>>()?;
-        let mut tokens = 0;
-        let mut per = Vec::new();
-        for h in handles {
-            let r = h.blocking_finish();
-            tokens += r.completion_tokens;
-            let spent = r.queue_time + r.prefill_time + r.decode_time;
-            per.push(r.completion_tokens as f64 / spent.as_secs_f64().max(1e-9));
+                .collect::<Result<_, _>>()?;
+            let mut tokens = 0;
+            let mut per = Vec::new();
+            let mut decoding = Vec::new();
+            for h in handles {
+                let r = h.blocking_finish();
+                tokens += r.completion_tokens;
+                let spent = r.queue_time + r.prefill_time + r.decode_time;
+                per.push(r.completion_tokens as f64 / spent.as_secs_f64().max(1e-9));
+                let from = (r.queue_time + r.prefill_time).as_secs_f64();
+                decoding.push((from, from + r.decode_time.as_secs_f64()));
+            }
+            let wall = t.elapsed();
+            concurrency.push(ConcurrencyFigure {
+                conversations: n,
+                batched,
+                aggregate_tokens_per_s: tokens as f64 / wall.as_secs_f64(),
+                aggregate_decode_tokens_per_s: tokens as f64 / covered(decoding).max(1e-9),
+                per_conversation_tokens_per_s: per.iter().sum::<f64>() / per.len().max(1) as f64,
+            });
         }
-        let wall = t.elapsed();
-        concurrency.push(ConcurrencyFigure {
-            conversations: n,
-            aggregate_tokens_per_s: tokens as f64 / wall.as_secs_f64(),
-            per_conversation_tokens_per_s: per.iter().sum::<f64>() / per.len().max(1) as f64,
-        });
     }
+    let join_ttft_ms = if args.no_batching {
+        None
+    } else {
+        worker.set_max_batch(max_batch);
+        let mut running: Vec<_> = (0..8)
+            .map(|i| worker.submit(request(format!("bench-join-{i}"), ctx)))
+            .collect::<Result<_, _>>()?;
+        // Wait until all eight are decoding.
+        for h in running.iter_mut() {
+            while let Some(ev) = h.blocking_next() {
+                if matches!(
+                    ev,
+                    super::GenerationEvent::Delta(_) | super::GenerationEvent::Finished(_)
+                ) {
+                    break;
+                }
+            }
+        }
+        let joined = worker
+            .submit(request("bench-join-new".into(), 4))?
+            .blocking_finish();
+        drop(running);
+        joined
+            .time_to_first_token
+            .map(|t| (t + joined.queue_time).as_secs_f64() * 1e3)
+    };
     worker.shutdown();
     let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
     Ok(BenchReport {
@@ -281,12 +373,48 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         prefill_tokens_per_s: per_s(prompt.len(), prefill),
         decode_tokens: args.decode_tokens,
         decode_tokens_per_s: per_s(args.decode_tokens, decode),
+        reference_decode_tokens_per_s: reference,
         follow_up_ttft_cached_ms: ttft_cached.as_secs_f64() * 1e3,
         follow_up_ttft_uncached_ms: ttft_uncached.as_secs_f64() * 1e3,
         cache_speedup: ttft_uncached.as_secs_f64() / ttft_cached.as_secs_f64().max(1e-9),
         concurrency,
+        join_ttft_ms,
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// Decode speed of candle-transformers' own Llama with its own cache, for comparison.
+fn reference_decode(
+    dir: &std::path::Path,
+    dtype: DType,
+    device: &candle_core::Device,
+    prompt: &[u32],
+    steps: usize,
+) -> anyhow::Result<f64> {
+    use candle_transformers::models::llama as stock;
+    let cfg: stock::LlamaConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    let cfg = cfg.into_config(false);
+    // SAFETY: read-only memory map of a file we do not modify.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            dtype,
+            device,
+        )?
+    };
+    let llama = stock::Llama::load(vb, &cfg)?;
+    let mut cache = stock::Cache::new(true, dtype, &cfg, device)?;
+    let input = candle_core::Tensor::new(prompt, device)?.unsqueeze(0)?;
+    let mut logits = llama.forward(&input, 0, &mut cache)?.squeeze(0)?;
+    let t = Instant::now();
+    for i in 0..steps {
+        let next = logits.argmax(0)?.to_scalar::<u32>()?;
+        let input = candle_core::Tensor::new(&[next], device)?.unsqueeze(0)?;
+        logits = llama
+            .forward(&input, prompt.len() + i, &mut cache)?
+            .squeeze(0)?;
+    }
+    Ok(steps as f64 / t.elapsed().as_secs_f64().max(1e-9))
 }
 
 pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
@@ -314,6 +442,12 @@ pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::R
         "decode       {:.1} tokens/s ({} tokens)",
         r.decode_tokens_per_s, r.decode_tokens
     )?;
+    if let Some(reference) = r.reference_decode_tokens_per_s {
+        writeln!(
+            out,
+            "reference    {reference:.1} tokens/s decode with candle-transformers' Llama"
+        )?;
+    }
     writeln!(
         out,
         "follow-up    first token {:.1} ms with the cache, {:.1} ms without ({:.1}x)",
@@ -322,8 +456,18 @@ pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::R
     for c in &r.concurrency {
         writeln!(
             out,
-            "concurrent   {:>2} conversations: {:.1} tokens/s in all, {:.1} tokens/s each",
-            c.conversations, c.aggregate_tokens_per_s, c.per_conversation_tokens_per_s
+            "concurrent   {:>2} conversations, {}: {:.1} tokens/s in all ({:.1} while decoding), {:.1} tokens/s each",
+            c.conversations,
+            if c.batched { "batched  " } else { "unbatched" },
+            c.aggregate_tokens_per_s,
+            c.aggregate_decode_tokens_per_s,
+            c.per_conversation_tokens_per_s
+        )?;
+    }
+    if let Some(ms) = r.join_ttft_ms {
+        writeln!(
+            out,
+            "join         first token of a new request while 8 decode: {ms:.1} ms"
         )?;
     }
     writeln!(

@@ -111,6 +111,8 @@ pub enum FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationResult {
     pub text: String,
+    /// Generated token ids (without the end-of-sequence token).
+    pub tokens: Vec<u32>,
     pub finish: FinishReason,
     pub error: Option<String>,
     pub prompt_tokens: usize,
@@ -234,6 +236,7 @@ impl Drop for GenerationHandle {
 fn stopped_result() -> GenerationResult {
     GenerationResult {
         text: String::new(),
+        tokens: Vec::new(),
         finish: FinishReason::Error,
         error: Some(WorkerError::Stopped.to_string()),
         prompt_tokens: 0,

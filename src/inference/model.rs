@@ -54,12 +54,17 @@ pub struct LlamaModel {
     dtype: DType,
 }
 
-/// One conversation's attention cache and the token ids it covers.
+/// One conversation's attention cache and the token ids it covers. Keys and values live in
+/// per-layer buffers that grow in blocks and are written in place, so a decode step copies only
+/// its new token instead of the whole history.
 #[derive(Debug, Clone, Default)]
 pub struct SeqCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
     tokens: Vec<u32>,
 }
+
+/// Buffers grow by whole blocks of this many positions.
+const KV_BLOCK: usize = 256;
 
 impl SeqCache {
     pub fn new(num_layers: usize) -> Self {
@@ -81,26 +86,70 @@ impl SeqCache {
         &self.tokens
     }
 
-    /// Keeps only the first `n` positions.
+    /// Positions the buffers can hold before growing.
+    pub fn capacity(&self) -> usize {
+        self.kv
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Memory the buffers take.
+    pub fn bytes(&self) -> usize {
+        self.kv
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Keeps only the first `n` positions (the buffers keep their size).
     pub fn truncate(&mut self, n: usize) -> candle_core::Result<()> {
-        if n >= self.tokens.len() {
-            return Ok(());
-        }
-        if n == 0 {
-            self.kv.iter_mut().for_each(|e| *e = None);
-        } else {
-            for entry in self.kv.iter_mut() {
-                if let Some((k, v)) = entry.take() {
-                    *entry = Some((
-                        k.narrow(2, 0, n)?.contiguous()?,
-                        v.narrow(2, 0, n)?.contiguous()?,
-                    ));
-                }
-            }
-        }
         self.tokens.truncate(n);
         Ok(())
     }
+
+    /// Writes a layer's new keys/values after the cached ones; returns views of all of them.
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        max: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let len = self.tokens.len();
+        let t = k.dim(2)?;
+        let need = len + t;
+        let entry = &mut self.kv[layer];
+        let cap = entry.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        if need > cap {
+            let new_cap = (need.div_ceil(KV_BLOCK) * KV_BLOCK).min(max.max(need));
+            let (b, h, _, d) = k.dims4()?;
+            let kb = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            if let Some((ok, ov)) = entry.take()
+                && len > 0
+            {
+                kb.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *entry = Some((kb, vb));
+        }
+        let Some((kb, vb)) = entry.as_ref() else {
+            candle_core::bail!("attention cache buffer missing");
+        };
+        kb.slice_set(k, 2, len)?;
+        vb.slice_set(v, 2, len)?;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+}
+
+/// One sequence's part of a batched step: its new tokens and its cache.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
 }
 
 impl LlamaModel {
@@ -159,45 +208,78 @@ impl LlamaModel {
     /// Runs `tokens` after what `cache` holds and returns the last position's logits (f32,
     /// `[vocab]`). Fails, never panics, past the context window.
     pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> candle_core::Result<Tensor> {
-        let t = tokens.len();
-        let pos = cache.len();
-        if t == 0 {
-            candle_core::bail!("forward needs at least one token");
-        }
-        if pos + t > self.shape.max_position {
-            candle_core::bail!(
-                "{} positions exceed the context window of {}",
-                pos + t,
-                self.shape.max_position
-            );
-        }
+        self.forward_batch(&mut [BatchItem { tokens, cache }])?
+            .squeeze(0)
+    }
+
+    /// One step for several sequences at once: every weight is read once for all of them. Each
+    /// sequence brings its own tokens (one while decoding, a chunk while reading its prompt), its
+    /// own positions and its own cache. Returns each sequence's last logits, `[n, vocab]` f32.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> candle_core::Result<Tensor> {
         let s = &self.shape;
-        let ids = Tensor::new(tokens, &self.device)?;
+        if items.is_empty() {
+            candle_core::bail!("forward needs at least one sequence");
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            let (t, pos) = (item.tokens.len(), item.cache.len());
+            if t == 0 {
+                candle_core::bail!("forward needs at least one token per sequence");
+            }
+            if pos + t > s.max_position {
+                candle_core::bail!(
+                    "{} positions exceed the context window of {}",
+                    pos + t,
+                    s.max_position
+                );
+            }
+            spans.push((ids.len(), t, pos));
+            ids.extend_from_slice(item.tokens);
+            positions.extend((pos..pos + t).map(|p| p as u32));
+        }
+        let n = ids.len();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        let mask = if t > 1 {
-            Some(self.causal_mask(t, pos)?)
+        let (cos, sin) = if items.len() == 1 {
+            let (_, t, pos) = spans[0];
+            (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
         } else {
-            None
+            let pos = Tensor::new(positions.as_slice(), &self.device)?;
+            (
+                self.cos.index_select(&pos, 0)?,
+                self.sin.index_select(&pos, 0)?,
+            )
         };
+        let masks = spans
+            .iter()
+            .map(|&(_, t, pos)| {
+                if t > 1 {
+                    self.causal_mask(t, pos).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let scale = 1.0 / (s.head_dim as f64).sqrt();
-        for (layer, entry) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            let residual = &x;
+        let n_rep = s.num_heads / s.num_kv_heads;
+        let single = items.len() == 1;
+        for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, s.rms_norm_eps as f32)?;
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
+            let q = linear(&layer.wq, &h)?;
+            let k = linear(&layer.wk, &h)?;
+            let v = linear(&layer.wv, &h)?;
             let q = q
-                .reshape((1, t, s.num_heads, s.head_dim))?
+                .reshape((1, n, s.num_heads, s.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?;
             let k = k
-                .reshape((1, t, s.num_kv_heads, s.head_dim))?
+                .reshape((1, n, s.num_kv_heads, s.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?;
             let v = v
-                .reshape((1, t, s.num_kv_heads, s.head_dim))?
+                .reshape((1, n, s.num_kv_heads, s.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?;
             let (q, k) = if self.interleaved_rope {
@@ -211,42 +293,69 @@ impl LlamaModel {
                     candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
                 )
             };
-            let (k, v) = match entry.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
-            };
-            *entry = Some((k.clone(), v.clone()));
-            let n_rep = s.num_heads / s.num_kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
-            let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = match &mask {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            };
-            let att = if self.dtype == DType::F32 {
-                candle_nn::ops::softmax_last_dim(&att)?
+            // Attention is per sequence: each looks only at its own cache.
+            let mut ys = Vec::with_capacity(items.len());
+            for ((item, &(off, t, _)), mask) in items.iter_mut().zip(&spans).zip(&masks) {
+                let (qi, ki, vi) = if single {
+                    (q.clone(), k.clone(), v.clone())
+                } else {
+                    (
+                        q.narrow(2, off, t)?.contiguous()?,
+                        k.narrow(2, off, t)?.contiguous()?,
+                        v.narrow(2, off, t)?.contiguous()?,
+                    )
+                };
+                let (kall, vall) = item.cache.append(li, &ki, &vi, s.max_position)?;
+                // Views into the cache buffers work as they are; only grouped-query heads need
+                // expanding (a copy).
+                let (kall, vall) = if n_rep == 1 {
+                    (kall, vall)
+                } else {
+                    (
+                        candle_transformers::utils::repeat_kv(kall.contiguous()?, n_rep)?
+                            .contiguous()?,
+                        candle_transformers::utils::repeat_kv(vall.contiguous()?, n_rep)?
+                            .contiguous()?,
+                    )
+                };
+                let att = (qi.matmul(&kall.t()?)? * scale)?;
+                let att = match mask {
+                    Some(m) => att.broadcast_add(m)?,
+                    None => att,
+                };
+                let att = if self.dtype == DType::F32 {
+                    candle_nn::ops::softmax_last_dim(&att)?
+                } else {
+                    candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
+                        .to_dtype(self.dtype)?
+                };
+                ys.push(att.matmul(&vall)?);
+            }
+            let y = if single {
+                ys.remove(0)
             } else {
-                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
-                    .to_dtype(self.dtype)?
+                Tensor::cat(&ys, 2)?
             };
-            let y = att
-                .matmul(&v)?
+            let y = y
                 .transpose(1, 2)?
-                .reshape((1, t, s.num_heads * s.head_dim))?;
-            let x1 = (residual + layer.wo.forward(&y)?)?;
+                .reshape((1, n, s.num_heads * s.head_dim))?;
+            let x1 = (&x + linear(&layer.wo, &y)?)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, s.rms_norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (&x1 + layer.w_down.forward(&(gate * up)?)?)?;
+            let gate = candle_nn::ops::silu(&linear(&layer.w_gate, &h)?)?;
+            let up = linear(&layer.w_up, &h)?;
+            x = (&x1 + linear(&layer.w_down, &(gate * up)?)?)?;
         }
-        cache.tokens.extend_from_slice(tokens);
-        let last = x.narrow(1, t - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, s.rms_norm_eps as f32)?;
-        let logits = self.lm_head.forward(&last)?;
-        logits
-            .squeeze(0)?
-            .squeeze(0)?
+        for item in items.iter_mut() {
+            item.cache.tokens.extend_from_slice(item.tokens);
+        }
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|&(off, t, _)| (off + t - 1) as u32)
+            .collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = x.squeeze(0)?.index_select(&last, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, s.rms_norm_eps as f32)?;
+        linear(&self.lm_head, &x)?
             .to_dtype(DType::F32)?
             .contiguous()
     }
@@ -293,6 +402,25 @@ impl LlamaModel {
             Some(l) => Ok((l, reuse)),
             None => candle_core::bail!("empty prompt"),
         }
+    }
+}
+
+/// `x · wᵀ` for rows of `x`. With a handful of rows (batched decode) dense weights are
+/// multiplied the other way round, `(w · xᵀ)ᵀ`, so the matrix kernel's tile runs along the
+/// weight's many rows instead of being mostly padding around a few input rows.
+fn linear(w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = x.elem_count() / x.dim(D::Minus1)?;
+    match w {
+        QMatMul::Tensor(wt) if (2..=32).contains(&rows) => {
+            let dims = x.dims().to_vec();
+            let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
+            let y = wt.matmul(&x2.t()?)?.t()?.contiguous()?;
+            let mut out_dims = dims;
+            let last = out_dims.len() - 1;
+            out_dims[last] = wt.dim(0)?;
+            y.reshape(out_dims)
+        }
+        _ => w.forward(x),
     }
 }
 

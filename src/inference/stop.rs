@@ -1,6 +1,33 @@
 //! Stop rules over streamed text: a stop string may arrive split across tokens, so text that
 //! could still become one is held back and never shown.
 
+/// Turns generated ids into text pieces that never split a character (byte-fallback tokens
+/// of one character arrive together), keeping leading spaces that per-token decoding loses.
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl TextStream {
+    pub fn step(
+        &mut self,
+        tok: &crate::prompt::TextTokenizer,
+        id: u32,
+    ) -> Result<Option<String>, String> {
+        tokenizers::step_decode_stream(
+            tok.inner(),
+            vec![id],
+            true,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// Accumulates decoded text and releases what can no longer turn into a stop string.
 #[derive(Debug, Clone)]
 pub struct StopScanner {

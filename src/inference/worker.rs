@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use super::loader::LoadedModel;
-use super::model::{LlamaModel, SeqCache};
-use super::stop::{Scan, StopScanner};
+use super::model::{BatchItem, LlamaModel, SeqCache};
+use super::stop::{Scan, StopScanner, TextStream};
 use super::{
     CancelToken, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest,
     GenerationResult, WorkerError,
@@ -30,6 +30,8 @@ pub struct WorkerOptions {
     pub context_length: usize,
     /// Start without serving until [`Worker::resume`]; lets tests line up a queue.
     pub start_paused: bool,
+    /// Sequences decoded together in one pass over the weights; 1 turns batching off.
+    pub max_batch: usize,
 }
 
 impl Default for WorkerOptions {
@@ -40,6 +42,7 @@ impl Default for WorkerOptions {
             prefill_chunk: 512,
             context_length: 4096,
             start_paused: false,
+            max_batch: 8,
         }
     }
 }
@@ -60,7 +63,6 @@ struct Queue {
     waiting: usize,
     paused: bool,
     shutdown: bool,
-    current: Option<CancelToken>,
     serial: u64,
 }
 
@@ -107,6 +109,7 @@ impl Queue {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    max_batch: AtomicUsize,
 }
 
 impl Shared {
@@ -133,13 +136,7 @@ impl Drop for Inner {
 
 impl Inner {
     fn shutdown_now(&self) {
-        {
-            let mut q = self.shared.lock();
-            q.shutdown = true;
-            if let Some(c) = &q.current {
-                c.cancel();
-            }
-        }
+        self.shared.lock().shutdown = true;
         self.shared.wake.notify_all();
         let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
@@ -163,15 +160,15 @@ impl Worker {
                 ..Queue::default()
             }),
             wake: Condvar::new(),
+            max_batch: AtomicUsize::new(opts.max_batch.max(1)),
         });
         let tokenizer = loaded.tokenizer.clone();
         let description = format!("{} ({:?})", loaded.source.display(), loaded.format);
-        let bytes_per_token = loaded.model.shape.kv_bytes_per_token(loaded.model.dtype()) as u64;
         let mut state = State {
             model: loaded.model,
             tokenizer: loaded.tokenizer,
             eos: loaded.eos_ids,
-            caches: CachePool::new(opts.kv_cache_budget_bytes, bytes_per_token),
+            caches: CachePool::new(opts.kv_cache_budget_bytes),
             context_length,
             prefill_chunk: opts.prefill_chunk.max(1),
         };
@@ -266,6 +263,15 @@ impl Worker {
         self.inner.shared.lock().waiting
     }
 
+    /// Changes how many conversations decode together (1 = one at a time), from the next step.
+    pub fn set_max_batch(&self, n: usize) {
+        self.inner
+            .shared
+            .max_batch
+            .store(n.max(1), Ordering::Release);
+        self.inner.shared.wake.notify_all();
+    }
+
     pub fn resume(&self) {
         self.inner.shared.lock().paused = false;
         self.inner.shared.wake.notify_all();
@@ -282,16 +288,14 @@ struct CachePool {
     entries: HashMap<String, (SeqCache, u64)>,
     tick: u64,
     budget: u64,
-    bytes_per_token: u64,
 }
 
 impl CachePool {
-    fn new(budget: u64, bytes_per_token: u64) -> Self {
+    fn new(budget: u64) -> Self {
         Self {
             entries: HashMap::new(),
             tick: 0,
             budget,
-            bytes_per_token: bytes_per_token.max(1),
         }
     }
 
@@ -299,13 +303,15 @@ impl CachePool {
         self.entries.remove(conv).map(|(c, _)| c)
     }
 
-    fn put(&mut self, conv: String, cache: SeqCache) {
-        if cache.is_empty() || cache.len() as u64 * self.bytes_per_token > self.budget {
+    /// Keeps a finished conversation's cache; `in_use` is what running sequences hold, which
+    /// counts against the same budget.
+    fn put(&mut self, conv: String, cache: SeqCache, in_use: u64) {
+        if cache.is_empty() || cache.bytes() as u64 + in_use > self.budget {
             return;
         }
         self.tick += 1;
         self.entries.insert(conv, (cache, self.tick));
-        while self.used() > self.budget {
+        while self.used() + in_use > self.budget {
             let Some(oldest) = self
                 .entries
                 .iter()
@@ -320,10 +326,7 @@ impl CachePool {
     }
 
     fn used(&self) -> u64 {
-        self.entries
-            .values()
-            .map(|(c, _)| c.len() as u64 * self.bytes_per_token)
-            .sum()
+        self.entries.values().map(|(c, _)| c.bytes() as u64).sum()
     }
 }
 
@@ -336,194 +339,312 @@ struct State {
     prefill_chunk: usize,
 }
 
+/// A generation in progress.
+struct Active {
+    p: Pending,
+    cache: SeqCache,
+    /// Next prompt position to compute; the prompt is read in chunks between decode steps.
+    cursor: usize,
+    /// The token to feed next while decoding.
+    next: Option<u32>,
+    context: Vec<u32>,
+    sampler: candle_transformers::generation::LogitsProcessor,
+    stream: TextStream,
+    scanner: StopScanner,
+    max_new: usize,
+    started: Instant,
+    decode_started: Option<Instant>,
+    result: GenerationResult,
+    finish: Option<FinishReason>,
+}
+
 impl State {
     fn serve(&mut self, shared: &Shared) {
+        let mut active: Vec<Active> = Vec::new();
         loop {
-            let (pending, serial) = {
+            let max_batch = shared.max_batch.load(Ordering::Acquire).max(1);
+            let admitted = {
                 let mut q = shared.lock();
                 loop {
                     if q.shutdown {
+                        for a in active.drain(..) {
+                            a.p.cancel.cancel();
+                            let mut a = a;
+                            a.finish = Some(FinishReason::Cancelled);
+                            self.complete(a, 0);
+                        }
                         // Nothing waiting is served after shutdown: say so to each caller.
                         while let Some(p) = q.pop() {
                             p.position.store(0, Ordering::Release);
                             let _ = p.tx.send(GenerationEvent::Finished(cancelled(&p, 0)));
                         }
-                        q.current = None;
                         return;
                     }
-                    if !q.paused && !q.order.is_empty() {
+                    if !q.paused && active.len() < max_batch && !q.order.is_empty() {
+                        break;
+                    }
+                    if !active.is_empty() {
                         break;
                     }
                     q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
-                let Some(p) = q.pop() else { continue };
-                q.serial += 1;
-                q.current = Some(p.cancel.clone());
-                q.reposition();
-                (p, q.serial)
+                // New requests join at this step; round-robin picks which.
+                let mut admitted = Vec::new();
+                while !q.paused && active.len() + admitted.len() < max_batch {
+                    let Some(p) = q.pop() else { break };
+                    q.serial += 1;
+                    admitted.push((p, q.serial));
+                }
+                if !admitted.is_empty() {
+                    q.reposition();
+                }
+                admitted
             };
-            pending.position.store(0, Ordering::Release);
-            let conv = pending.req.conversation.clone();
-            let span = tracing::info_span!("generate", conversation = %conv, serial);
-            let _enter = span.enter();
-            self.run(pending, serial);
-            shared.lock().current = None;
+            for (p, serial) in admitted {
+                p.position.store(0, Ordering::Release);
+                if let Some(a) = self.start(p, serial) {
+                    active.push(a);
+                }
+            }
+            if active.is_empty() {
+                continue;
+            }
+            self.step(&mut active);
+            let (done, running): (Vec<Active>, Vec<Active>) =
+                active.into_iter().partition(|a| a.finish.is_some());
+            active = running;
+            let in_use: u64 = active.iter().map(|a| a.cache.bytes() as u64).sum();
+            for a in done {
+                self.complete(a, in_use);
+            }
         }
     }
 
-    fn run(&mut self, p: Pending, serial: u64) {
-        let queue_time = p.submitted.elapsed();
+    /// Takes a request on: its conversation's cache, the reusable prefix, its sampler.
+    fn start(&mut self, p: Pending, serial: u64) -> Option<Active> {
+        let conv = p.req.conversation.clone();
+        let mut result = cancelled(&p, 0);
         if p.cancel.is_cancelled() {
-            let _ = p.tx.send(GenerationEvent::Finished(cancelled(&p, 0)));
-            return;
+            let _ = p.tx.send(GenerationEvent::Finished(result));
+            return None;
         }
         let _ = p.tx.send(GenerationEvent::Started { serial });
-        let conv = p.req.conversation.clone();
+        let span = tracing::debug_span!("generate", conversation = %conv, serial);
+        let _enter = span.enter();
         let mut cache = self
             .caches
             .take(&conv)
             .unwrap_or_else(|| self.model.new_cache());
-        let mut result = GenerationResult {
-            text: String::new(),
-            finish: FinishReason::Error,
-            error: None,
-            prompt_tokens: p.req.prompt.len(),
-            reused_tokens: 0,
-            completion_tokens: 0,
-            queue_time,
-            prefill_time: Duration::ZERO,
-            time_to_first_token: None,
-            decode_time: Duration::ZERO,
-        };
-        match self.generate(&p, &mut cache, &mut result) {
-            Ok(()) => {
-                tracing::debug!(
-                    finish = ?result.finish,
-                    prompt = result.prompt_tokens,
-                    reused = result.reused_tokens,
-                    completion = result.completion_tokens,
-                    "generation finished"
-                );
-                self.caches.put(conv, cache);
-            }
-            Err(e) => {
-                // The cache may be half-updated: drop it, the next turn recomputes.
-                tracing::error!(error = %e, "generation failed");
-                result.finish = FinishReason::Error;
-                result.error = Some(e.to_string());
-            }
-        }
-        let _ = p.tx.send(GenerationEvent::Finished(result));
-    }
-
-    fn generate(
-        &mut self,
-        p: &Pending,
-        cache: &mut SeqCache,
-        out: &mut GenerationResult,
-    ) -> candle_core::Result<()> {
-        let start = Instant::now();
         let prompt = &p.req.prompt;
-        let ctx = self.context_length;
-        if prompt.len() >= ctx {
-            candle_core::bail!(
-                "prompt of {} tokens does not fit the context of {ctx}",
-                prompt.len()
-            );
-        }
-        let max_new = p.req.max_new_tokens.min(ctx - prompt.len());
-
-        // Reuse the cached prefix; always recompute at least the last prompt token.
         let common = cache
             .tokens()
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count();
-        let reuse = common.min(prompt.len() - 1);
-        cache.truncate(reuse)?;
-        out.reused_tokens = reuse;
-        let mut logits = None;
-        for piece in prompt[reuse..].chunks(self.prefill_chunk) {
-            if p.cancel.is_cancelled() {
-                out.finish = FinishReason::Cancelled;
-                out.prefill_time = start.elapsed();
-                return Ok(());
-            }
-            logits = Some(self.model.forward(piece, cache)?);
+        // Always compute at least the last prompt token, to get its logits.
+        let reuse = common.min(prompt.len().saturating_sub(1));
+        if cache.truncate(reuse).is_err() {
+            cache = self.model.new_cache();
         }
-        out.prefill_time = start.elapsed();
-        let Some(mut logits) = logits else {
-            candle_core::bail!("empty prompt");
-        };
+        result.reused_tokens = cache.len();
+        result.finish = FinishReason::Length;
+        let max_new = p
+            .req
+            .max_new_tokens
+            .min(self.context_length.saturating_sub(prompt.len()));
+        Some(Active {
+            cursor: cache.len(),
+            cache,
+            next: None,
+            context: prompt.clone(),
+            sampler: p.req.sampling.processor(),
+            stream: TextStream::default(),
+            scanner: StopScanner::new(&p.req.stop),
+            max_new,
+            started: Instant::now(),
+            decode_started: None,
+            result,
+            finish: None,
+            p,
+        })
+    }
 
-        let mut sampler = p.req.sampling.processor();
-        let mut scanner = StopScanner::new(&p.req.stop);
-        let mut decoder = self.tokenizer.inner().decode_stream(true);
-        let mut context: Vec<u32> = prompt.clone();
-        let decode_start = Instant::now();
-        let finish = loop {
-            if p.cancel.is_cancelled() {
-                break FinishReason::Cancelled;
+    /// One pass over the weights for every active sequence: decode steps, plus prompt chunks
+    /// (at most `prefill_chunk` prompt tokens per step, so running replies never freeze).
+    fn step(&mut self, active: &mut [Active]) {
+        for a in active.iter_mut() {
+            if a.p.cancel.is_cancelled() {
+                a.finish = Some(FinishReason::Cancelled);
             }
-            let rp = p.req.sampling.repetition_penalty;
-            if (rp - 1.0).abs() > f32::EPSILON {
-                let from = context.len().saturating_sub(p.req.sampling.repeat_last_n);
-                logits = candle_transformers::utils::apply_repeat_penalty(
-                    &logits,
-                    rp,
-                    &context[from..],
-                )?;
+        }
+        let mut prefill_left = self.prefill_chunk;
+        let mut chosen: Vec<(usize, usize, usize)> = Vec::new(); // (index, from, to) of the prompt
+        for (i, a) in active.iter().enumerate() {
+            if a.finish.is_some() {
+                continue;
             }
-            let token = sampler.sample(&logits)?;
-            out.completion_tokens += 1;
-            if out.time_to_first_token.is_none() {
-                out.time_to_first_token = Some(start.elapsed());
+            if a.next.is_some() {
+                chosen.push((i, 0, 0));
+            } else if prefill_left > 0 {
+                let take = (a.p.req.prompt.len() - a.cursor).min(prefill_left);
+                prefill_left -= take;
+                chosen.push((i, a.cursor, a.cursor + take));
             }
-            if self.eos.contains(&token) {
-                break FinishReason::Eos;
+        }
+        if chosen.is_empty() {
+            return;
+        }
+        let decode_tokens: Vec<[u32; 1]> = chosen
+            .iter()
+            .map(|&(i, _, _)| [active[i].next.unwrap_or_default()])
+            .collect();
+        let outcome = {
+            let mut items = Vec::with_capacity(chosen.len());
+            let mut picks = chosen.iter().zip(&decode_tokens).peekable();
+            for (i, a) in active.iter_mut().enumerate() {
+                let Some(&(&(ci, from, to), one)) = picks.peek() else {
+                    break;
+                };
+                if ci != i {
+                    continue;
+                }
+                picks.next();
+                let Active { p, cache, next, .. } = a;
+                let tokens: &[u32] = if next.is_some() {
+                    one
+                } else {
+                    &p.req.prompt[from..to]
+                };
+                items.push(BatchItem { tokens, cache });
             }
-            context.push(token);
-            let piece = decoder
-                .step(token)
-                .map_err(|e| candle_core::Error::Msg(format!("decoding token {token}: {e}")))?;
-            if let Some(piece) = piece {
-                match scanner.push(&piece) {
-                    Scan::Emit(text) => {
-                        if !text.is_empty() && p.tx.send(GenerationEvent::Delta(text)).is_err() {
-                            // Nobody listens any more.
-                            break FinishReason::Cancelled;
-                        }
-                    }
-                    Scan::Stop(text) => {
-                        if !text.is_empty() {
-                            let _ = p.tx.send(GenerationEvent::Delta(text));
-                        }
-                        break FinishReason::Stop;
-                    }
+            self.model.forward_batch(&mut items)
+        };
+        let logits = match outcome {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "inference step failed");
+                for &(i, _, _) in &chosen {
+                    let a = &mut active[i];
+                    a.result.error = Some(e.to_string());
+                    a.finish = Some(FinishReason::Error);
+                    a.cache = self.model.new_cache();
+                }
+                return;
+            }
+        };
+        for (row, &(i, _, to)) in chosen.iter().enumerate() {
+            let a = &mut active[i];
+            if a.next.is_none() {
+                a.cursor = to;
+                if a.cursor < a.p.req.prompt.len() {
+                    continue;
+                }
+                a.result.prefill_time = a.started.elapsed();
+                a.decode_started = Some(Instant::now());
+            }
+            let sampled = logits.get(row).and_then(|l| self.sample(a, l));
+            match sampled {
+                Ok(()) => {}
+                Err(e) => {
+                    a.result.error = Some(e.to_string());
+                    a.finish = Some(FinishReason::Error);
                 }
             }
-            if out.completion_tokens >= max_new || cache.len() + 1 >= ctx {
-                break FinishReason::Length;
-            }
-            logits = self.model.forward(&[token], cache)?;
+        }
+    }
+
+    /// Picks the next token of one sequence and streams what it adds.
+    fn sample(&self, a: &mut Active, logits: candle_core::Tensor) -> candle_core::Result<()> {
+        let rp = a.p.req.sampling.repetition_penalty;
+        let logits = if (rp - 1.0).abs() > f32::EPSILON {
+            let from = a
+                .context
+                .len()
+                .saturating_sub(a.p.req.sampling.repeat_last_n);
+            candle_transformers::utils::apply_repeat_penalty(&logits, rp, &a.context[from..])?
+        } else {
+            logits
         };
-        if matches!(finish, FinishReason::Eos | FinishReason::Length) {
-            let rest = scanner.finish();
-            if !rest.is_empty() {
-                let _ = p.tx.send(GenerationEvent::Delta(rest));
+        let token = a.sampler.sample(&logits)?;
+        a.result.completion_tokens += 1;
+        if a.result.time_to_first_token.is_none() {
+            a.result.time_to_first_token = Some(a.started.elapsed());
+        }
+        if self.eos.contains(&token) {
+            a.finish = Some(FinishReason::Eos);
+            return Ok(());
+        }
+        a.context.push(token);
+        let piece = a
+            .stream
+            .step(&self.tokenizer, token)
+            .map_err(|e| candle_core::Error::Msg(format!("decoding token {token}: {e}")))?;
+        if let Some(piece) = piece {
+            match a.scanner.push(&piece) {
+                Scan::Emit(text) => {
+                    if !text.is_empty() && a.p.tx.send(GenerationEvent::Delta(text)).is_err() {
+                        // Nobody listens any more.
+                        a.finish = Some(FinishReason::Cancelled);
+                        return Ok(());
+                    }
+                }
+                Scan::Stop(text) => {
+                    if !text.is_empty() {
+                        let _ = a.p.tx.send(GenerationEvent::Delta(text));
+                    }
+                    a.finish = Some(FinishReason::Stop);
+                    return Ok(());
+                }
             }
         }
-        out.decode_time = decode_start.elapsed();
-        out.text = scanner.text().to_string();
-        out.finish = finish;
+        if a.result.completion_tokens >= a.max_new || a.cache.len() + 1 >= self.context_length {
+            a.finish = Some(FinishReason::Length);
+            return Ok(());
+        }
+        a.next = Some(token);
         Ok(())
+    }
+
+    /// Sends the final record and keeps the conversation's cache for its next turn.
+    fn complete(&mut self, mut a: Active, in_use: u64) {
+        let finish = a.finish.unwrap_or(FinishReason::Error);
+        if matches!(finish, FinishReason::Eos | FinishReason::Length) {
+            let rest = a.scanner.finish();
+            if !rest.is_empty() {
+                let _ = a.p.tx.send(GenerationEvent::Delta(rest));
+            }
+        }
+        if let Some(d) = a.decode_started {
+            a.result.decode_time = d.elapsed();
+        }
+        if a.result.prefill_time.is_zero() {
+            a.result.prefill_time = a.started.elapsed();
+        }
+        a.result.text = a.scanner.text().to_string();
+        a.result.tokens = a.context.split_off(a.p.req.prompt.len());
+        a.result.finish = finish;
+        tracing::debug!(
+            conversation = %a.p.req.conversation,
+            finish = ?finish,
+            prompt = a.result.prompt_tokens,
+            reused = a.result.reused_tokens,
+            completion = a.result.completion_tokens,
+            "generation finished"
+        );
+        if finish != FinishReason::Error {
+            // A cancelled prompt read may stop mid-way: the cache still covers a valid prefix.
+            self.caches
+                .put(a.p.req.conversation.clone(), a.cache, in_use);
+        }
+        let _ = a.p.tx.send(GenerationEvent::Finished(a.result));
     }
 }
 
 fn cancelled(p: &Pending, reused: usize) -> GenerationResult {
     GenerationResult {
         text: String::new(),
+        tokens: Vec::new(),
         finish: FinishReason::Cancelled,
         error: None,
         prompt_tokens: p.req.prompt.len(),
