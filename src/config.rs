@@ -93,7 +93,7 @@ impl Default for ModelSettings {
             dtype: DTypeChoice::Auto,
             context_length: 4096,
             max_new_tokens: 512,
-            threads: 1,
+            threads: 0,
             kv_cache_budget: "1GiB".into(),
             queue_capacity: 64,
             max_batch: 8,

@@ -31,6 +31,7 @@ impl Env {
             .current_dir(self.dir.path())
             .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
             .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "16")
+            .env("SYNTHIA_BOT__MODEL__THREADS", "1")
             .env("SYNTHIA_BOT__SAMPLING__TEMPERATURE", "0")
             .env("SYNTHIA_BOT__MEMORY__DATABASE", self.db())
             .env("SYNTHIA_BOT__PROMPT__SYSTEM", "You are a test.")

@@ -114,6 +114,10 @@ pub struct BenchReport {
     pub concurrency: Vec<ConcurrencyFigure>,
     /// First token of a new 64-token request arriving while 8 conversations decode (batched).
     pub join_ttft_ms: Option<f64>,
+    /// Resident memory once the model is loaded and has decoded one reply (weights, repacked
+    /// kernels, one conversation's cache).
+    pub model_rss_bytes: u64,
+    /// Peak over the whole run, including the attention caches of every benchmark conversation.
     pub peak_rss_bytes: u64,
 }
 
@@ -127,11 +131,20 @@ fn parameters(shape: &super::LlamaShape) -> usize {
 
 /// Peak resident memory of this process, from the kernel.
 pub fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// Resident memory of this process now.
+pub fn rss_bytes() -> u64 {
+    proc_status_bytes("VmRSS:")
+}
+
+fn proc_status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
@@ -152,7 +165,10 @@ fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
     const SEED: u64 = 20_240_601;
     match &args.gguf {
         Some(preset) => {
-            let folder = dir.join(format!("{shape_name}-{preset}"));
+            let folder = dir.join(format!(
+                "{shape_name}-{preset}-v{}",
+                testmodel::GENERATOR_VERSION
+            ));
             let file = folder.join("model.gguf");
             if !file.exists() {
                 std::fs::create_dir_all(&folder)?;
@@ -167,7 +183,10 @@ fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
             Ok(file)
         }
         None => {
-            let folder = dir.join(format!("{shape_name}-safetensors"));
+            let folder = dir.join(format!(
+                "{shape_name}-safetensors-v{}",
+                testmodel::GENERATOR_VERSION
+            ));
             if !folder.join("model.safetensors").exists() {
                 eprintln!("writing random {shape_name} model to {}", folder.display());
                 let dtype = if shape_name == "7b" {
@@ -233,6 +252,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         logits = model.forward(&[next], &mut cache)?;
     }
     let decode = t.elapsed();
+    let model_rss_bytes = rss_bytes();
 
     // A 30-token follow-up on a 1,000-token history, with and without the cached history.
     let history = synthetic_prompt(&tok, 1000.min(ctx - 64))?;
@@ -379,6 +399,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         cache_speedup: ttft_uncached.as_secs_f64() / ttft_cached.as_secs_f64().max(1e-9),
         concurrency,
         join_ttft_ms,
+        model_rss_bytes,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -472,7 +493,8 @@ pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::R
     }
     writeln!(
         out,
-        "peak memory  {:.1} MiB resident",
+        "memory       {:.1} MiB resident with the model and one reply, {:.1} MiB peak (all benchmark caches)",
+        mib(r.model_rss_bytes),
         mib(r.peak_rss_bytes)
     )?;
     Ok(())

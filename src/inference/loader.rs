@@ -463,9 +463,9 @@ fn load_safetensors_dir(
             })
     };
     let linear = |name: &str| -> Result<QMatMul, LoadError> { Ok(QMatMul::Tensor(get(name)?)) };
-    let embed = get("model.embed_tokens.weight")?;
+    let embed = QMatMul::Tensor(get("model.embed_tokens.weight")?);
     let lm_head = if tied {
-        QMatMul::Tensor(embed.clone())
+        embed.clone()
     } else {
         linear("lm_head.weight")?
     };
@@ -651,7 +651,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
     };
     let embed_q = qt("token_embd.weight")?;
     note(embed_q.dtype());
-    let embed = dense(embed_q)?;
+    let embed = QMatMul::from_qtensor(embed_q).map_err(|e| read_err(e.to_string()))?;
     let norm = dense(qt("output_norm.weight")?)?;
     let lm_head = match content.tensor_infos.contains_key("output.weight") {
         true => {
@@ -659,7 +659,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
             note(q.dtype());
             QMatMul::from_qtensor(q).map_err(|e| read_err(e.to_string()))?
         }
-        false => QMatMul::Tensor(embed.clone()),
+        false => embed.clone(),
     };
     let mut layers = Vec::with_capacity(num_layers);
     for l in 0..num_layers {

@@ -42,7 +42,8 @@ pub(crate) struct Layer {
 
 pub struct LlamaModel {
     pub shape: LlamaShape,
-    pub(crate) embed: Tensor,
+    /// Token embeddings; GGUF keeps them quantised (only looked-up rows are expanded).
+    pub(crate) embed: QMatMul,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: QMatMul,
@@ -156,7 +157,7 @@ impl LlamaModel {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shape: LlamaShape,
-        embed: Tensor,
+        embed: QMatMul,
         layers: Vec<Layer>,
         norm: Tensor,
         lm_head: QMatMul,
@@ -241,7 +242,11 @@ impl LlamaModel {
         }
         let n = ids.len();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mut x = self
+            .embed
+            .embedding(&ids)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?;
         let (cos, sin) = if items.len() == 1 {
             let (_, t, pos) = spans[0];
             (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
@@ -414,7 +419,7 @@ fn linear(w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
         QMatMul::Tensor(wt) if (2..=32).contains(&rows) => {
             let dims = x.dims().to_vec();
             let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
-            let y = wt.matmul(&x2.t()?)?.t()?.contiguous()?;
+            let y = wt.matmul(&x2.t()?.contiguous()?)?.t()?.contiguous()?;
             let mut out_dims = dims;
             let last = out_dims.len() - 1;
             out_dims[last] = wt.dim(0)?;

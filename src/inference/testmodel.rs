@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::model::LlamaShape;
 
+/// Bumped whenever the generator's output changes, so cached test models are rewritten.
+pub const GENERATOR_VERSION: u32 = 1;
+
 /// Named shapes: `tiny` for tests, `small` (about 134M parameters) for benchmarks, `7b` for
 /// Synthia-7B's real size.
 pub fn named_shape(name: &str) -> Option<LlamaShape> {

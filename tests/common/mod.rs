@@ -13,7 +13,7 @@ pub fn tokenizer_path() -> PathBuf {
 }
 
 fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("models")
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("models-v{}", testmodel::GENERATOR_VERSION))
 }
 
 /// Writes `name` once (tests run in parallel processes: write aside, then rename into place).
