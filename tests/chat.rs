@@ -350,3 +350,52 @@ fn generate_prints_a_completion() {
         "{err}"
     );
 }
+
+#[test]
+fn hub_repo_loads_from_the_local_cache_and_offline_errors_are_clear() {
+    let env = Env::new();
+    let home = env.dir.path().join("hf");
+    // The Hugging Face cache layout: refs/<revision> names a snapshot holding the files.
+    let repo_dir = home.join("hub/models--synthia-test--tiny");
+    let snapshot = repo_dir.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), "0123456789abcdef").unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(common::tiny_hf().join(file), snapshot.join(file)).unwrap();
+    }
+    let run = |repo: &str| {
+        env.command(&[
+            "generate",
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ])
+        .env_remove("SYNTHIA_BOT__MODEL__PATH")
+        .env("SYNTHIA_BOT__MODEL__REPO", repo)
+        .env("HF_HOME", &home)
+        // Nothing listens there: any download attempt fails at once.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap()
+    };
+    let out = run("synthia-test/tiny");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+
+    let out = run("synthia-test/not-downloaded");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot fetch config.json from Hugging Face repo synthia-test/not-downloaded")
+            && err.contains("offline"),
+        "{err}"
+    );
+}

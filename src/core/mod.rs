@@ -415,10 +415,14 @@ impl Assistant {
             (&self.user_limit, user_key),
             (&self.conversation_limit, msg.key.to_string()),
         ] {
-            if let Some(l) = limiter
-                && let Err(not_until) = l.check_key(&key)
-            {
-                return Some(not_until.wait_time_from(now));
+            if let Some(l) = limiter {
+                // Forget users whose quota has refilled, so the map does not grow forever.
+                if l.len() > 10_000 {
+                    l.retain_recent();
+                }
+                if let Err(not_until) = l.check_key(&key) {
+                    return Some(not_until.wait_time_from(now));
+                }
             }
         }
         None

@@ -114,6 +114,8 @@ pub struct BenchReport {
     pub concurrency: Vec<ConcurrencyFigure>,
     /// First token of a new 64-token request arriving while 8 conversations decode (batched).
     pub join_ttft_ms: Option<f64>,
+    /// Resident memory right after loading.
+    pub load_rss_bytes: u64,
     /// Resident memory once the model is loaded and has decoded one reply (weights, repacked
     /// kernels, one conversation's cache).
     pub model_rss_bytes: u64,
@@ -236,6 +238,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let t0 = Instant::now();
     let loaded = load(&path, &opts)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let load_rss_bytes = rss_bytes();
     let model = &loaded.model;
     let tok = loaded.tokenizer.clone();
     let ctx = model.shape.max_position;
@@ -399,6 +402,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         cache_speedup: ttft_uncached.as_secs_f64() / ttft_cached.as_secs_f64().max(1e-9),
         concurrency,
         join_ttft_ms,
+        load_rss_bytes,
         model_rss_bytes,
         peak_rss_bytes: peak_rss_bytes(),
     })
@@ -493,7 +497,8 @@ pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::R
     }
     writeln!(
         out,
-        "memory       {:.1} MiB resident with the model and one reply, {:.1} MiB peak (all benchmark caches)",
+        "memory       {:.1} MiB resident after loading, {:.1} MiB with one reply, {:.1} MiB peak (all benchmark caches)",
+        mib(r.load_rss_bytes),
         mib(r.model_rss_bytes),
         mib(r.peak_rss_bytes)
     )?;

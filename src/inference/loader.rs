@@ -721,7 +721,8 @@ struct Fetched {
 /// Downloads (once; later starts use the local cache) what `model.repo` names.
 fn fetch_from_hub(settings: &ModelSettings) -> Result<Fetched, LoadError> {
     use hf_hub::{Repo, RepoType, api::sync::ApiBuilder};
-    let api = ApiBuilder::new()
+    // HF_HOME (cache) and HF_ENDPOINT (mirror) are honoured as in the Python client.
+    let api = ApiBuilder::from_env()
         .with_progress(true)
         .build()
         .map_err(|e| LoadError::Hub {
