@@ -247,7 +247,15 @@ pub struct DiscordSettings {
     pub enabled: bool,
     /// Bot token; set it through `SYNTHIA_BOT__DISCORD__TOKEN`.
     pub token: String,
+    /// Where the REST API lives (requests go to `{api_base}/api/v10/...`); anything but Discord's
+    /// own is used as a proxy.
     pub api_base: String,
+    /// Prefix of message commands (`!reset`), for servers without slash commands.
+    pub command_prefix: String,
+    /// Guild ids to register slash commands in (instant); empty = global (can take an hour).
+    pub command_guilds: Vec<String>,
+    /// Least time between two edits of a streamed reply, in milliseconds.
+    pub edit_interval_ms: u32,
     /// Channels where every message is answered, mention or not.
     pub always_answer: Vec<String>,
     pub access: AccessSettings,
@@ -258,7 +266,10 @@ impl Default for DiscordSettings {
         Self {
             enabled: false,
             token: String::new(),
-            api_base: "https://discord.com/api/v10".into(),
+            api_base: "https://discord.com".into(),
+            command_prefix: "!".into(),
+            command_guilds: Vec::new(),
+            edit_interval_ms: 1000,
             always_answer: Vec::new(),
             access: AccessSettings::default(),
         }
@@ -483,6 +494,26 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", format!("not a valid filter: {e}")))?;
+        if self.discord.edit_interval_ms < 1000
+            && self
+                .discord
+                .api_base
+                .trim_end_matches('/')
+                .starts_with("https://discord.com")
+        {
+            return Err(ConfigError::new(
+                "discord.edit_interval_ms",
+                "must be at least 1000: Discord allows about one edit per second per message",
+            ));
+        }
+        if !self.discord.api_base.starts_with("http://")
+            && !self.discord.api_base.starts_with("https://")
+        {
+            return Err(ConfigError::new(
+                "discord.api_base",
+                "must be an http:// or https:// URL",
+            ));
+        }
         if self.discord.enabled && self.discord.token.trim().is_empty() {
             return Err(ConfigError::new(
                 "discord.token",
@@ -522,6 +553,7 @@ impl Settings {
 /// List-valued keys, so environment variables can carry comma-separated lists.
 const LIST_KEYS: &[&str] = &[
     "discord.always_answer",
+    "discord.command_guilds",
     "discord.access.allowed_users",
     "discord.access.allowed_roles",
     "discord.access.allowed_channels",

@@ -6,9 +6,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use synthia_bot::config::{DTypeChoice, Settings};
+use synthia_bot::config::Settings;
 use synthia_bot::core::{Assistant, Author, Incoming, Outcome, ReplySink, text};
-use synthia_bot::inference::{FinishReason, LoadOptions, Worker, WorkerOptions, load};
+use synthia_bot::inference::{FinishReason, Worker, WorkerOptions};
 use synthia_bot::memory::{ConversationKey, Role, Status, Store};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,15 +72,7 @@ async fn fixture(edit: impl FnOnce(&mut Settings)) -> Fixture {
     let store = Store::open(&settings.memory.database, Duration::from_secs(5))
         .await
         .unwrap();
-    let loaded = load(
-        &common::tiny_hf(),
-        &LoadOptions {
-            dtype: DTypeChoice::F32,
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    let worker = Worker::spawn(loaded, WorkerOptions::default());
+    let worker = common::tiny_worker(WorkerOptions::default());
     let assistant = Arc::new(Assistant::new(store.clone(), worker.clone(), &settings));
     Fixture {
         assistant,

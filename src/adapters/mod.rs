@@ -2,3 +2,4 @@
 //! [`crate::core::Incoming`] and implements [`crate::core::ReplySink`].
 
 pub mod console;
+pub mod discord;

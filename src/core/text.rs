@@ -2,14 +2,16 @@
 
 use super::commands::CommandError;
 
-pub const HELP: &str = "I'm Synthia. Mention me or write to me directly and I'll answer; I remember this conversation.\n\
-Commands:\n\
-  ask <question>   ask a question\n\
-  reset            start afresh (earlier messages stay in the log but leave my memory)\n\
-  forget           delete this conversation's history for good\n\
-  system [text]    show or set my instructions for this conversation\n\
-  set temperature <0-5> | set max_tokens <n>   change how I answer here\n\
-  stop             stop the reply I'm writing";
+pub const HELP: &str = concat!(
+    "I'm Synthia. Mention me or write to me directly and I'll answer; I remember this conversation.\n",
+    "Commands (start them with this chat's prefix, e.g. /reset or !reset):\n",
+    "  ask <question>   ask a question\n",
+    "  reset            start afresh (earlier messages stay in the log but leave my memory)\n",
+    "  forget           delete this conversation's history for good\n",
+    "  system [text]    show or set my instructions for this conversation\n",
+    "  set temperature <0-5>, set max_tokens <n>   change how I answer here\n",
+    "  stop             stop the reply I'm writing",
+);
 
 pub const NOT_ALLOWED: &str = "Sorry, only an admin can do that here.";
 pub const RESET_DONE: &str =

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
+use synthia_bot::config::DTypeChoice;
 use synthia_bot::inference::testmodel::{self, GgufPreset};
+use synthia_bot::inference::{LoadOptions, Worker, WorkerOptions, load};
 
 pub const SEED: u64 = 7;
 
@@ -82,4 +84,17 @@ pub fn broken_copy(tmp: &Path) -> PathBuf {
         std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
     }
     dst
+}
+
+/// A worker serving the tiny model in f32 on the CPU.
+pub fn tiny_worker(opts: WorkerOptions) -> Worker {
+    let loaded = load(
+        &tiny_hf(),
+        &LoadOptions {
+            dtype: DTypeChoice::F32,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    Worker::spawn(loaded, opts)
 }

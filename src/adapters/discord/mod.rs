@@ -1,0 +1,902 @@
+//! Discord through serenity: mentions, DMs, replies, threads, slash commands and `!` commands.
+//! Events become [`Incoming`]; replies stream into Discord by editing messages, at most one edit
+//! per second per message, split over the 2,000-character limit, with every mention disabled.
+
+pub mod split;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serenity::all::{
+    ChannelId, CommandDataOptionValue, CommandInteraction, CommandOptionType, Context,
+    CreateAllowedMentions, CreateCommand, CreateCommandOption, CreateInteractionResponseFollowup,
+    CreateMessage, EditInteractionResponse, EditMessage, EventHandler, GatewayIntents,
+    GuildChannel, GuildId, HttpBuilder, Interaction, Message, MessageId, MessageType,
+    MessageUpdateEvent, Ready, UserId,
+};
+use serenity::http::Http;
+
+use crate::config::DiscordSettings;
+use crate::core::{Assistant, Author, Incoming, ReplySink, text};
+use crate::memory::ConversationKey;
+use split::{DISCORD_LIMIT, split_message};
+
+/// Discord's own API; any other `api_base` is used as a proxy (tests, self-hosted proxies).
+const DISCORD_BASE: &str = "https://discord.com";
+
+/// What a message is to the bot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    Ignore,
+    /// Answer this text (the bot's mention removed).
+    Message(String),
+    /// A prefix command, without its prefix.
+    Command(String),
+}
+
+/// The facts trigger detection needs, apart from serenity's types so it can be tested as a table.
+#[derive(Debug, Clone, Default)]
+pub struct Facts<'a> {
+    pub bot_id: u64,
+    pub content: &'a str,
+    pub author_is_bot: bool,
+    /// A regular message or a reply; joins, pins and other system messages are not.
+    pub is_regular: bool,
+    pub is_dm: bool,
+    pub mentions_bot: bool,
+    pub replies_to_bot: bool,
+    pub in_bot_thread: bool,
+    pub always_answer: bool,
+    pub prefix: &'a str,
+}
+
+/// Removes `<@id>` and `<@!id>` mentions of the bot.
+pub fn strip_mention(content: &str, bot_id: u64) -> String {
+    content
+        .replace(&format!("<@{bot_id}>"), "")
+        .replace(&format!("<@!{bot_id}>"), "")
+        .trim()
+        .to_string()
+}
+
+pub fn classify(f: &Facts<'_>) -> Trigger {
+    if f.author_is_bot || !f.is_regular {
+        return Trigger::Ignore;
+    }
+    let text = strip_mention(f.content, f.bot_id);
+    if !f.prefix.is_empty()
+        && let Some(cmd) = text.strip_prefix(f.prefix)
+        && cmd.chars().next().is_some_and(char::is_alphabetic)
+    {
+        return Trigger::Command(cmd.trim().to_string());
+    }
+    if f.is_dm || f.mentions_bot || f.replies_to_bot || f.in_bot_thread || f.always_answer {
+        if text.is_empty() {
+            return Trigger::Ignore;
+        }
+        return Trigger::Message(text);
+    }
+    Trigger::Ignore
+}
+
+fn is_rate_limited(e: &serenity::Error) -> bool {
+    matches!(e, serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) if r.status_code.as_u16() == 429)
+}
+
+/// Retries a request Discord answered with 429, backing off 1 s, 2 s, 4 s, 8 s.
+async fn with_backoff<T, F, Fut>(what: &str, f: F) -> serenity::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = serenity::Result<T>>,
+{
+    let mut wait = Duration::from_secs(1);
+    for _ in 0..4 {
+        match f().await {
+            Err(e) if is_rate_limited(&e) => {
+                tracing::warn!(
+                    request = what,
+                    wait_s = wait.as_secs(),
+                    "Discord rate limit; backing off"
+                );
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            other => return other,
+        }
+    }
+    f().await
+}
+
+fn no_mentions() -> CreateAllowedMentions {
+    CreateAllowedMentions::new()
+}
+
+/// Where a reply goes: a channel (as a reply to the question) or an interaction's response.
+enum Target {
+    Channel {
+        channel: ChannelId,
+        reply_to: Option<MessageId>,
+    },
+    Interaction {
+        interaction: Box<CommandInteraction>,
+        ephemeral: bool,
+    },
+}
+
+struct Shown {
+    /// Messages of the reply so far and the text each shows.
+    messages: Vec<(MessageId, String)>,
+    last_edit: Option<Instant>,
+    finished: bool,
+    /// What is shown is only a queue notice, to be replaced.
+    placeholder: bool,
+}
+
+struct DiscordSink {
+    http: Arc<Http>,
+    target: Target,
+    interval: Duration,
+    /// Messages of the same interaction answered before this sink (a follow-up starts at 1).
+    offset: usize,
+    shown: tokio::sync::Mutex<Shown>,
+    typing: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl DiscordSink {
+    fn new(http: Arc<Http>, target: Target, interval: Duration, offset: usize) -> Self {
+        Self {
+            http,
+            target,
+            interval,
+            offset,
+            shown: tokio::sync::Mutex::new(Shown {
+                messages: Vec::new(),
+                last_edit: None,
+                finished: false,
+                placeholder: false,
+            }),
+            typing: Mutex::new(None),
+        }
+    }
+
+    fn stop_typing(&self) {
+        if let Some(t) = self.typing.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+
+    async fn post(&self, index: usize, content: &str) -> serenity::Result<MessageId> {
+        match &self.target {
+            Target::Channel { channel, reply_to } => {
+                let msg = with_backoff("send message", || {
+                    let mut m = CreateMessage::new()
+                        .content(content)
+                        .allowed_mentions(no_mentions());
+                    if index == 0
+                        && let Some(q) = reply_to
+                    {
+                        m = m.reference_message((*channel, *q));
+                    }
+                    channel.send_message(&self.http, m)
+                })
+                .await?;
+                Ok(msg.id)
+            }
+            Target::Interaction {
+                interaction,
+                ephemeral,
+            } => {
+                if index == 0 {
+                    let msg = with_backoff("edit response", || {
+                        interaction.edit_response(
+                            &self.http,
+                            EditInteractionResponse::new()
+                                .content(content)
+                                .allowed_mentions(no_mentions()),
+                        )
+                    })
+                    .await?;
+                    Ok(msg.id)
+                } else {
+                    let msg = with_backoff("follow-up", || {
+                        interaction.create_followup(
+                            &self.http,
+                            CreateInteractionResponseFollowup::new()
+                                .content(content)
+                                .ephemeral(*ephemeral)
+                                .allowed_mentions(no_mentions()),
+                        )
+                    })
+                    .await?;
+                    Ok(msg.id)
+                }
+            }
+        }
+    }
+
+    async fn edit(&self, index: usize, id: MessageId, content: &str) -> serenity::Result<()> {
+        match &self.target {
+            Target::Channel { channel, .. } => {
+                with_backoff("edit message", || {
+                    channel.edit_message(
+                        &self.http,
+                        id,
+                        EditMessage::new()
+                            .content(content)
+                            .allowed_mentions(no_mentions()),
+                    )
+                })
+                .await?;
+            }
+            Target::Interaction { interaction, .. } => {
+                if index == 0 {
+                    with_backoff("edit response", || {
+                        interaction.edit_response(
+                            &self.http,
+                            EditInteractionResponse::new()
+                                .content(content)
+                                .allowed_mentions(no_mentions()),
+                        )
+                    })
+                    .await?;
+                } else {
+                    with_backoff("edit follow-up", || {
+                        interaction.edit_followup(
+                            &self.http,
+                            id,
+                            CreateInteractionResponseFollowup::new()
+                                .content(content)
+                                .allowed_mentions(no_mentions()),
+                        )
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes Discord show `text`: edits the messages whose part changed, posts new ones for
+    /// parts beyond them. Paced to one edit round per interval.
+    async fn render(&self, text: &str, force: bool) {
+        let mut shown = self.shown.lock().await;
+        if shown.finished {
+            return;
+        }
+        if let Some(last) = shown.last_edit {
+            let since = last.elapsed();
+            if since < self.interval {
+                if !force {
+                    return;
+                }
+                tokio::time::sleep(self.interval - since).await;
+            }
+        }
+        let parts = split_message(text, DISCORD_LIMIT);
+        for (i, part) in parts.iter().enumerate() {
+            let result = match shown.messages.get(i) {
+                Some((_, old)) if old == part => Ok(()),
+                Some((id, _)) => {
+                    let id = *id;
+                    self.edit(i + self.offset, id, part)
+                        .await
+                        .map(|_| shown.messages[i].1 = part.clone())
+                }
+                None => self
+                    .post(i + self.offset, part)
+                    .await
+                    .map(|id| shown.messages.push((id, part.clone()))),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "cannot show the reply on Discord");
+                break;
+            }
+        }
+        shown.last_edit = Some(Instant::now());
+    }
+}
+
+#[async_trait::async_trait]
+impl ReplySink for DiscordSink {
+    async fn typing(&self) {
+        if let Target::Channel { channel, .. } = &self.target {
+            let (http, channel) = (self.http.clone(), *channel);
+            // Discord shows typing for about 10 s; renew it until the reply is done.
+            let task = tokio::spawn(async move {
+                loop {
+                    if let Err(e) = channel.broadcast_typing(&http).await {
+                        tracing::debug!(error = %e, "typing indicator failed");
+                    }
+                    tokio::time::sleep(Duration::from_secs(8)).await;
+                }
+            });
+            if let Some(old) = self
+                .typing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(task)
+            {
+                old.abort();
+            }
+        }
+    }
+
+    async fn queued(&self, position: usize) {
+        let placeholder = {
+            let shown = self.shown.lock().await;
+            shown.messages.is_empty() || shown.placeholder
+        };
+        if position > 1 && placeholder {
+            self.render(&text::queued(position), true).await;
+            self.shown.lock().await.placeholder = true;
+        }
+    }
+
+    async fn update(&self, text_so_far: &str) {
+        self.render(text_so_far, false).await;
+        self.shown.lock().await.placeholder = false;
+    }
+
+    async fn finish(&self, text: &str) {
+        self.render(if text.trim().is_empty() { "…" } else { text }, true)
+            .await;
+        self.shown.lock().await.finished = true;
+        self.stop_typing();
+    }
+
+    async fn fail(&self, message: &str) {
+        let (current, placeholder) = {
+            let shown = self.shown.lock().await;
+            let text: Vec<&str> = shown.messages.iter().map(|(_, t)| t.as_str()).collect();
+            (text.join(""), shown.placeholder)
+        };
+        let text = if current.is_empty() || placeholder {
+            message.to_string()
+        } else {
+            format!("{current}\n\n⚠️ {message}")
+        };
+        self.render(&text, true).await;
+        self.shown.lock().await.finished = true;
+        self.stop_typing();
+    }
+
+    async fn notice(&self, text: &str) {
+        self.finish(text).await;
+    }
+}
+
+impl Drop for DiscordSink {
+    fn drop(&mut self) {
+        self.stop_typing();
+    }
+}
+
+/// Serenity's event handler: turns events into calls on the core.
+struct Handler {
+    assistant: Arc<Assistant>,
+    settings: DiscordSettings,
+    bot_id: Mutex<Option<UserId>>,
+    bot_threads: Mutex<HashSet<ChannelId>>,
+}
+
+impl Handler {
+    fn bot_id(&self) -> u64 {
+        self.bot_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|u| u.get())
+            .unwrap_or(0)
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(u64::from(self.settings.edit_interval_ms.max(1)))
+    }
+
+    fn key(guild: Option<GuildId>, channel: ChannelId) -> ConversationKey {
+        match guild {
+            // A thread has its own channel id, so it is its own conversation.
+            Some(g) => ConversationKey::new("discord", &g.to_string(), &channel.to_string(), ""),
+            None => ConversationKey::new("discord", "", &channel.to_string(), ""),
+        }
+    }
+
+    fn commands() -> Vec<CreateCommand> {
+        vec![
+            CreateCommand::new("ask")
+                .description("Ask Synthia a question")
+                .add_option(
+                    CreateCommandOption::new(CommandOptionType::String, "prompt", "Your question")
+                        .required(true),
+                )
+                .add_option(CreateCommandOption::new(
+                    CommandOptionType::Boolean,
+                    "private",
+                    "Only you see the answer, and it is not remembered",
+                )),
+            CreateCommand::new("reset").description("Start this conversation afresh"),
+            CreateCommand::new("system")
+                .description("Show or set Synthia's instructions here (admins)")
+                .add_option(CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "text",
+                    "New instructions",
+                )),
+            CreateCommand::new("settings")
+                .description("Change how Synthia answers here (admins)")
+                .add_option(CreateCommandOption::new(
+                    CommandOptionType::Number,
+                    "temperature",
+                    "0 to 5",
+                ))
+                .add_option(CreateCommandOption::new(
+                    CommandOptionType::Integer,
+                    "max_tokens",
+                    "Longest reply",
+                )),
+            CreateCommand::new("stop").description("Stop the reply being written here"),
+            CreateCommand::new("help").description("What Synthia can do"),
+        ]
+    }
+
+    async fn on_message(&self, ctx: Context, msg: Message) {
+        let bot_id = self.bot_id();
+        if bot_id == 0 {
+            return;
+        }
+        let facts = Facts {
+            bot_id,
+            content: &msg.content,
+            author_is_bot: msg.author.bot,
+            is_regular: matches!(msg.kind, MessageType::Regular | MessageType::InlineReply),
+            is_dm: msg.guild_id.is_none(),
+            mentions_bot: msg.mentions.iter().any(|u| u.id.get() == bot_id),
+            replies_to_bot: msg
+                .referenced_message
+                .as_ref()
+                .is_some_and(|r| r.author.id.get() == bot_id),
+            in_bot_thread: self
+                .bot_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&msg.channel_id),
+            always_answer: self
+                .settings
+                .always_answer
+                .contains(&msg.channel_id.to_string()),
+            prefix: &self.settings.command_prefix,
+        };
+        let (text, is_command) = match classify(&facts) {
+            Trigger::Ignore => return,
+            Trigger::Message(t) => (t, false),
+            Trigger::Command(c) => (c, true),
+        };
+        let name = msg
+            .member
+            .as_ref()
+            .and_then(|m| m.nick.clone())
+            .or_else(|| msg.author.global_name.clone())
+            .unwrap_or_else(|| msg.author.name.clone());
+        let incoming = Incoming {
+            key: Self::key(msg.guild_id, msg.channel_id),
+            author: Author {
+                id: msg.author.id.to_string(),
+                name,
+                roles: msg
+                    .member
+                    .as_ref()
+                    .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
+                    .unwrap_or_default(),
+            },
+            text,
+            message_id: Some(msg.id.to_string()),
+            is_private: msg.guild_id.is_none(),
+            is_command,
+            remember: true,
+        };
+        let sink = DiscordSink::new(
+            ctx.http.clone(),
+            Target::Channel {
+                channel: msg.channel_id,
+                reply_to: Some(msg.id),
+            },
+            self.interval(),
+            0,
+        );
+        self.assistant.handle(incoming, &sink).await;
+    }
+
+    async fn on_command(&self, ctx: Context, cmd: CommandInteraction) {
+        let option = |name: &str| {
+            cmd.data
+                .options
+                .iter()
+                .find(|o| o.name == name)
+                .map(|o| &o.value)
+        };
+        let private = matches!(
+            option("private"),
+            Some(CommandDataOptionValue::Boolean(true))
+        );
+        let mut texts: Vec<(String, bool)> = Vec::new();
+        match cmd.data.name.as_str() {
+            "ask" => {
+                let Some(CommandDataOptionValue::String(q)) = option("prompt") else {
+                    return;
+                };
+                texts.push((q.clone(), false));
+            }
+            "system" => match option("text") {
+                Some(CommandDataOptionValue::String(t)) => {
+                    texts.push((format!("system {t}"), true))
+                }
+                _ => texts.push(("system".into(), true)),
+            },
+            "settings" => {
+                if let Some(CommandDataOptionValue::Number(t)) = option("temperature") {
+                    texts.push((format!("set temperature {t}"), true));
+                }
+                if let Some(CommandDataOptionValue::Integer(n)) = option("max_tokens") {
+                    texts.push((format!("set max_tokens {n}"), true));
+                }
+                if texts.is_empty() {
+                    texts.push(("help".into(), true));
+                }
+            }
+            name @ ("reset" | "stop" | "help") => texts.push((name.to_string(), true)),
+            other => {
+                tracing::warn!(command = other, "unknown slash command");
+                return;
+            }
+        }
+        // Discord wants an answer within 3 s: defer at once, then edit the response.
+        let ephemeral = private || cmd.data.name != "ask";
+        let deferred = if ephemeral {
+            cmd.defer_ephemeral(&ctx.http).await
+        } else {
+            cmd.defer(&ctx.http).await
+        };
+        if let Err(e) = deferred {
+            tracing::error!(error = %e, "cannot acknowledge the interaction");
+            return;
+        }
+        let name = cmd
+            .member
+            .as_ref()
+            .and_then(|m| m.nick.clone())
+            .or_else(|| cmd.user.global_name.clone())
+            .unwrap_or_else(|| cmd.user.name.clone());
+        let roles: Vec<String> = cmd
+            .member
+            .as_ref()
+            .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
+            .unwrap_or_default();
+        for (i, (text, is_command)) in texts.into_iter().enumerate() {
+            let incoming = Incoming {
+                key: Self::key(cmd.guild_id, cmd.channel_id),
+                author: Author {
+                    id: cmd.user.id.to_string(),
+                    name: name.clone(),
+                    roles: roles.clone(),
+                },
+                text,
+                message_id: (!is_command).then(|| format!("interaction-{}", cmd.id)),
+                is_private: cmd.guild_id.is_none(),
+                is_command,
+                remember: !private,
+            };
+            // Later parts of one /settings call answer in follow-ups below the first.
+            let sink = DiscordSink::new(
+                ctx.http.clone(),
+                Target::Interaction {
+                    interaction: Box::new(cmd.clone()),
+                    ephemeral,
+                },
+                self.interval(),
+                i,
+            );
+            self.assistant.handle(incoming, &sink).await;
+        }
+    }
+}
+
+#[serenity::async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, ctx: Context, ready: Ready) {
+        *self.bot_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(ready.user.id);
+        tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
+        let commands = Self::commands();
+        let result = if self.settings.command_guilds.is_empty() {
+            serenity::all::Command::set_global_commands(&ctx.http, commands)
+                .await
+                .map(|_| ())
+        } else {
+            let mut result = Ok(());
+            for g in &self.settings.command_guilds {
+                match g.parse::<u64>() {
+                    Ok(id) if id != 0 => {
+                        if let Err(e) = GuildId::new(id)
+                            .set_commands(&ctx.http, commands.clone())
+                            .await
+                        {
+                            result = Err(e);
+                        }
+                    }
+                    _ => tracing::error!(guild = %g, "discord.command_guilds: not a guild id"),
+                }
+            }
+            result
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot register slash commands");
+        }
+    }
+
+    async fn message(&self, ctx: Context, msg: Message) {
+        self.on_message(ctx, msg).await;
+    }
+
+    async fn message_update(
+        &self,
+        _ctx: Context,
+        _old: Option<Message>,
+        _new: Option<Message>,
+        event: MessageUpdateEvent,
+    ) {
+        let Some(content) = event.content else { return };
+        let text = strip_mention(&content, self.bot_id());
+        match self
+            .assistant
+            .message_edited("discord", &event.id.to_string(), &text)
+            .await
+        {
+            Ok(true) => tracing::info!(message = %event.id, "question edited"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot apply an edit"),
+        }
+    }
+
+    async fn message_delete(
+        &self,
+        _ctx: Context,
+        _channel: ChannelId,
+        id: MessageId,
+        _guild: Option<GuildId>,
+    ) {
+        match self
+            .assistant
+            .message_deleted("discord", &id.to_string())
+            .await
+        {
+            Ok(true) => tracing::info!(message = %id, "question deleted"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot apply a delete"),
+        }
+    }
+
+    async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
+        if let Interaction::Command(cmd) = interaction {
+            self.on_command(ctx, cmd).await;
+        }
+    }
+
+    async fn thread_create(&self, _ctx: Context, thread: GuildChannel) {
+        if thread
+            .owner_id
+            .is_some_and(|o| Some(o) == *self.bot_id.lock().unwrap_or_else(|e| e.into_inner()))
+        {
+            self.bot_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(thread.id);
+        }
+    }
+}
+
+/// A connected Discord client; `run` drives it until the connection ends for good.
+pub struct DiscordClient {
+    client: serenity::Client,
+}
+
+impl DiscordClient {
+    /// Prepares the client. Fails with a clear message when the API cannot be reached or the
+    /// token is refused, and never falls back to Discord's own gateway when `api_base` points
+    /// elsewhere.
+    pub async fn connect(
+        settings: &DiscordSettings,
+        assistant: Arc<Assistant>,
+    ) -> anyhow::Result<Self> {
+        let base = settings.api_base.trim_end_matches('/');
+        let base = base.strip_suffix("/api/v10").unwrap_or(base);
+        let mut builder = HttpBuilder::new(&settings.token).default_allowed_mentions(no_mentions());
+        if base != DISCORD_BASE {
+            // serenity's rate limiter would bypass the proxy: our own back-off handles 429s.
+            builder = builder.proxy(base).ratelimiter_disabled(true);
+        }
+        let http = builder.build();
+        let gateway = http.get_gateway().await.with_context(|| {
+            format!(
+                "cannot reach the Discord API at {base} (check discord.api_base and the network)"
+            )
+        })?;
+        if base != DISCORD_BASE && !is_loopback_or_same_host(&gateway.url, base) {
+            anyhow::bail!(
+                "the API at {base} sent a gateway on another host ({}); refusing to connect",
+                gateway.url
+            );
+        }
+        http.get_current_user()
+            .await
+            .context("Discord refused the bot token (check SYNTHIA_BOT__DISCORD__TOKEN)")?;
+        let intents = GatewayIntents::GUILDS
+            | GatewayIntents::GUILD_MESSAGES
+            | GatewayIntents::DIRECT_MESSAGES
+            | GatewayIntents::MESSAGE_CONTENT;
+        let handler = Handler {
+            assistant,
+            settings: settings.clone(),
+            bot_id: Mutex::new(None),
+            bot_threads: Mutex::new(HashSet::new()),
+        };
+        let client = serenity::client::ClientBuilder::new_with_http(http, intents)
+            .event_handler(handler)
+            .await
+            .context("cannot create the Discord client")?;
+        Ok(Self { client })
+    }
+
+    /// Runs until the gateway connection ends (serenity reconnects and resumes on its own).
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        self.client
+            .start()
+            .await
+            .context("Discord gateway connection failed")
+    }
+
+    /// A handle to close the connection cleanly from elsewhere.
+    pub fn shard_manager(&self) -> Arc<serenity::gateway::ShardManager> {
+        self.client.shard_manager.clone()
+    }
+}
+
+fn is_loopback_or_same_host(gateway: &str, base: &str) -> bool {
+    let host = |u: &str| {
+        u.split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(['/', '?']).next())
+            .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+    };
+    match (host(gateway), host(base)) {
+        (Some(g), Some(b)) => g == b || g == "127.0.0.1" || g == "localhost" || g == "[::1]",
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_table() {
+        let base = Facts {
+            bot_id: 42,
+            content: "hello",
+            is_regular: true,
+            prefix: "!",
+            ..Facts::default()
+        };
+        let cases: Vec<(Facts, Trigger)> = vec![
+            (base.clone(), Trigger::Ignore),
+            (
+                Facts {
+                    mentions_bot: true,
+                    content: "<@42> hello",
+                    ..base.clone()
+                },
+                Trigger::Message("hello".into()),
+            ),
+            (
+                Facts {
+                    mentions_bot: true,
+                    content: "hi <@!42>",
+                    ..base.clone()
+                },
+                Trigger::Message("hi".into()),
+            ),
+            (
+                Facts {
+                    is_dm: true,
+                    ..base.clone()
+                },
+                Trigger::Message("hello".into()),
+            ),
+            (
+                Facts {
+                    replies_to_bot: true,
+                    ..base.clone()
+                },
+                Trigger::Message("hello".into()),
+            ),
+            (
+                Facts {
+                    in_bot_thread: true,
+                    ..base.clone()
+                },
+                Trigger::Message("hello".into()),
+            ),
+            (
+                Facts {
+                    always_answer: true,
+                    ..base.clone()
+                },
+                Trigger::Message("hello".into()),
+            ),
+            (
+                Facts {
+                    author_is_bot: true,
+                    is_dm: true,
+                    ..base.clone()
+                },
+                Trigger::Ignore,
+            ),
+            (
+                Facts {
+                    is_regular: false,
+                    mentions_bot: true,
+                    ..base.clone()
+                },
+                Trigger::Ignore,
+            ),
+            (
+                Facts {
+                    content: "!reset",
+                    ..base.clone()
+                },
+                Trigger::Command("reset".into()),
+            ),
+            (
+                Facts {
+                    content: "<@42> !system be brief",
+                    ..base.clone()
+                },
+                Trigger::Command("system be brief".into()),
+            ),
+            (
+                Facts {
+                    content: "!!!",
+                    always_answer: true,
+                    ..base.clone()
+                },
+                Trigger::Message("!!!".into()),
+            ),
+            (
+                Facts {
+                    mentions_bot: true,
+                    content: "<@42>",
+                    ..base.clone()
+                },
+                Trigger::Ignore,
+            ),
+        ];
+        for (facts, want) in cases {
+            assert_eq!(classify(&facts), want, "{facts:?}");
+        }
+    }
+
+    #[test]
+    fn gateway_hosts() {
+        assert!(is_loopback_or_same_host(
+            "ws://127.0.0.1:5555/gw",
+            "http://127.0.0.1:5555"
+        ));
+        assert!(is_loopback_or_same_host(
+            "wss://proxy.example:443",
+            "https://proxy.example"
+        ));
+        assert!(!is_loopback_or_same_host(
+            "wss://gateway.discord.gg",
+            "http://127.0.0.1:5555"
+        ));
+    }
+}

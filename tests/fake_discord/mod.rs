@@ -1,0 +1,483 @@
+//! A protocol-level fake of Discord on 127.0.0.1: the gateway websocket (HELLO, IDENTIFY/READY,
+//! heartbeats, RESUME, dispatches) and the REST routes the bot uses. It records every REST call
+//! so tests can assert on what the real serenity client sent.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State as AxState};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post, put};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+pub const BOT_ID: u64 = 1000;
+pub const APP_ID: u64 = 2000;
+pub const GUILD: u64 = 3000;
+pub const CHANNEL: u64 = 4000;
+pub const DM_CHANNEL: u64 = 4001;
+
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+    pub at: Instant,
+    pub status: u16,
+}
+
+enum GwCommand {
+    Dispatch(String, Value),
+    Close(u16),
+}
+
+#[derive(Default)]
+struct Shared {
+    addr: Mutex<Option<SocketAddr>>,
+    calls: Mutex<Vec<Call>>,
+    changed: Notify,
+    next_id: AtomicU64,
+    seq: AtomicU64,
+    gateway: Mutex<Option<mpsc::UnboundedSender<GwCommand>>>,
+    ready: Notify,
+    identifies: AtomicUsize,
+    resumes: AtomicUsize,
+    fail_edits: AtomicUsize,
+    replay_on_resume: Mutex<Vec<(String, Value)>>,
+}
+
+pub struct FakeDiscord {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeDiscord {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub fn user(id: u64, name: &str, bot: bool) -> Value {
+    json!({
+        "id": id.to_string(), "username": name, "discriminator": "0000", "global_name": name,
+        "avatar": null, "bot": bot, "mfa_enabled": false, "verified": true, "flags": 0
+    })
+}
+
+/// A MESSAGE_CREATE payload. `mentions` are user ids; `reply_to` a message to quote.
+pub fn message(
+    id: u64,
+    channel: u64,
+    guild: Option<u64>,
+    author: (u64, &str),
+    content: &str,
+    mentions: &[u64],
+    reply_to: Option<Value>,
+) -> Value {
+    let mut m = json!({
+        "id": id.to_string(),
+        "channel_id": channel.to_string(),
+        "author": user(author.0, author.1, author.0 == BOT_ID),
+        "content": content,
+        "timestamp": "2026-11-27T00:00:00.000000+00:00",
+        "edited_timestamp": null,
+        "tts": false,
+        "mention_everyone": false,
+        "mentions": mentions.iter().map(|u| user(*u, if *u == BOT_ID { "synthia" } else { "someone" }, *u == BOT_ID)).collect::<Vec<_>>(),
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": [],
+        "pinned": false,
+        "type": if reply_to.is_some() { 19 } else { 0 },
+    });
+    if let Some(g) = guild {
+        m["guild_id"] = json!(g.to_string());
+        m["member"] = json!({ "roles": [], "joined_at": "2026-01-01T00:00:00.000000+00:00", "deaf": false, "mute": false, "nick": null, "flags": 0 });
+    }
+    if let Some(r) = reply_to {
+        m["message_reference"] = json!({ "message_id": r["id"], "channel_id": r["channel_id"] });
+        m["referenced_message"] = r;
+    }
+    m
+}
+
+/// An INTERACTION_CREATE payload for a slash command in the test guild.
+pub fn interaction(id: u64, name: &str, options: Value, author: (u64, &str)) -> Value {
+    json!({
+        "id": id.to_string(),
+        "application_id": APP_ID.to_string(),
+        "type": 2,
+        "token": format!("token-{id}"),
+        "version": 1,
+        "data": { "id": "9001", "name": name, "type": 1, "options": options },
+        "guild_id": GUILD.to_string(),
+        "channel_id": CHANNEL.to_string(),
+        "channel": { "id": CHANNEL.to_string(), "type": 0 },
+        "member": {
+            "user": user(author.0, author.1, false),
+            "roles": [], "joined_at": "2026-01-01T00:00:00.000000+00:00", "deaf": false, "mute": false,
+            "flags": 0, "permissions": "0"
+        },
+        "app_permissions": "0",
+        "locale": "en-US",
+        "guild_locale": "en-US",
+        "entitlements": [],
+        "authorizing_integration_owners": {},
+        "attachment_size_limit": 8388608
+    })
+}
+
+impl FakeDiscord {
+    pub async fn start() -> Self {
+        let shared = Arc::new(Shared {
+            next_id: AtomicU64::new(900_000),
+            ..Shared::default()
+        });
+        let app = Router::new()
+            .route("/api/v10/gateway", get(gateway_url))
+            .route("/api/v10/gateway/bot", get(gateway_url))
+            .route("/api/v10/users/@me", get(current_user))
+            .route("/api/v10/applications/{app}/commands", put(commands))
+            .route(
+                "/api/v10/applications/{app}/guilds/{guild}/commands",
+                put(commands),
+            )
+            .route("/api/v10/channels/{channel}/messages", post(create_message))
+            .route(
+                "/api/v10/channels/{channel}/messages/{message}",
+                patch(edit_message),
+            )
+            .route("/api/v10/channels/{channel}/typing", post(no_content))
+            .route(
+                "/api/v10/interactions/{id}/{token}/callback",
+                post(no_content),
+            )
+            .route("/api/v10/webhooks/{app}/{token}", post(create_followup))
+            .route(
+                "/api/v10/webhooks/{app}/{token}/messages/{message}",
+                patch(edit_webhook),
+            )
+            .route("/gw", get(gateway_ws))
+            .fallback(unknown)
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        *shared.addr.lock().unwrap() = Some(addr);
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            addr,
+            shared,
+            server,
+        }
+    }
+
+    pub fn api_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits for the client's IDENTIFY to be answered with READY.
+    pub async fn wait_ready(&self) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while self.shared.identifies.load(Ordering::SeqCst) == 0
+                || self.shared.gateway.lock().unwrap().is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the bot never identified on the fake gateway");
+        // serenity handles READY (and registers commands) right after; give it a moment.
+        self.wait_for("command registration", |c| {
+            c.iter().any(|c| c.path.contains("/commands"))
+        })
+        .await;
+    }
+
+    pub fn dispatch(&self, t: &str, d: Value) {
+        let tx = self
+            .shared
+            .gateway
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("no gateway connection");
+        tx.send(GwCommand::Dispatch(t.to_string(), d))
+            .expect("gateway connection gone");
+    }
+
+    /// Closes the gateway with 4000 (the client resumes); `replay` is sent again after RESUMED,
+    /// as Discord replays events the client missed.
+    pub async fn close_for_resume(&self, replay: Vec<(String, Value)>) {
+        *self.shared.replay_on_resume.lock().unwrap() = replay;
+        let tx = self
+            .shared
+            .gateway
+            .lock()
+            .unwrap()
+            .take()
+            .expect("no gateway connection");
+        let _ = tx.send(GwCommand::Close(4000));
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while self.shared.resumes.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the bot did not resume");
+    }
+
+    pub fn resumes(&self) -> usize {
+        self.shared.resumes.load(Ordering::SeqCst)
+    }
+
+    pub fn identifies(&self) -> usize {
+        self.shared.identifies.load(Ordering::SeqCst)
+    }
+
+    /// The next `n` message edits are answered 429.
+    pub fn fail_next_edits(&self, n: usize) {
+        self.shared.fail_edits.store(n, Ordering::SeqCst);
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.calls.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the recorded calls; fails loudly with them otherwise.
+    pub async fn wait_for(&self, what: &str, done: impl Fn(&[Call]) -> bool) -> Vec<Call> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let notified = self.shared.changed.notified();
+            let calls = self.calls();
+            if done(&calls) {
+                return calls;
+            }
+            if Instant::now() > deadline {
+                let listing: Vec<String> = calls
+                    .iter()
+                    .map(|c| format!("{} {} {}", c.method, c.path, c.body))
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}; calls:\n{}",
+                    listing.join("\n")
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+}
+
+fn record(s: &Shared, method: &str, path: &str, body: Value, status: u16) {
+    s.calls.lock().unwrap().push(Call {
+        method: method.into(),
+        path: path.into(),
+        body,
+        at: Instant::now(),
+        status,
+    });
+    s.changed.notify_waiters();
+}
+
+fn parse(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+fn bot_message(s: &Shared, channel: &str, body: &Value, id: Option<String>) -> Value {
+    let id = id.unwrap_or_else(|| s.next_id.fetch_add(1, Ordering::SeqCst).to_string());
+    let mut m = message(
+        0,
+        1,
+        None,
+        (BOT_ID, "synthia"),
+        body["content"].as_str().unwrap_or(""),
+        &[],
+        None,
+    );
+    m["id"] = json!(id);
+    m["channel_id"] = json!(channel);
+    m
+}
+
+async fn gateway_url(AxState(s): AxState<Arc<Shared>>) -> Response {
+    let addr = s.addr.lock().unwrap().expect("bound");
+    record(&s, "GET", "/api/v10/gateway", Value::Null, 200);
+    axum::Json(json!({ "url": format!("ws://{addr}/gw"), "shards": 1,
+        "session_start_limit": { "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1 } }))
+    .into_response()
+}
+
+async fn current_user(AxState(s): AxState<Arc<Shared>>) -> Response {
+    record(&s, "GET", "/api/v10/users/@me", Value::Null, 200);
+    axum::Json(user(BOT_ID, "synthia", true)).into_response()
+}
+
+async fn commands(AxState(s): AxState<Arc<Shared>>, uri: Uri, body: String) -> Response {
+    record(&s, "PUT", uri.path(), parse(&body), 200);
+    axum::Json(json!([])).into_response()
+}
+
+async fn create_message(
+    AxState(s): AxState<Arc<Shared>>,
+    Path(channel): Path<String>,
+    uri: Uri,
+    body: String,
+) -> Response {
+    let body = parse(&body);
+    record(&s, "POST", uri.path(), body.clone(), 200);
+    axum::Json(bot_message(&s, &channel, &body, None)).into_response()
+}
+
+async fn edit_message(
+    AxState(s): AxState<Arc<Shared>>,
+    Path((channel, id)): Path<(String, String)>,
+    uri: Uri,
+    body: String,
+) -> Response {
+    let body = parse(&body);
+    let failing = s
+        .fail_edits
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if failing {
+        record(&s, "PATCH", uri.path(), body, 429);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1"), ("x-ratelimit-scope", "user")],
+            axum::Json(json!({ "message": "You are being rate limited.", "retry_after": 0.5, "global": false, "code": 0 })),
+        )
+            .into_response();
+    }
+    record(&s, "PATCH", uri.path(), body.clone(), 200);
+    axum::Json(bot_message(&s, &channel, &body, Some(id))).into_response()
+}
+
+async fn create_followup(AxState(s): AxState<Arc<Shared>>, uri: Uri, body: String) -> Response {
+    let body = parse(&body);
+    record(&s, "POST", uri.path(), body.clone(), 200);
+    axum::Json(bot_message(&s, &CHANNEL.to_string(), &body, None)).into_response()
+}
+
+async fn edit_webhook(
+    AxState(s): AxState<Arc<Shared>>,
+    Path((_app, _token, id)): Path<(String, String, String)>,
+    uri: Uri,
+    body: String,
+) -> Response {
+    let body = parse(&body);
+    record(&s, "PATCH", uri.path(), body.clone(), 200);
+    let id = if id == "@original" {
+        "800001".to_string()
+    } else {
+        id
+    };
+    axum::Json(bot_message(&s, &CHANNEL.to_string(), &body, Some(id))).into_response()
+}
+
+async fn no_content(AxState(s): AxState<Arc<Shared>>, uri: Uri, body: String) -> Response {
+    record(&s, "POST", uri.path(), parse(&body), 204);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn unknown(
+    AxState(s): AxState<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    body: String,
+) -> Response {
+    record(&s, method.as_str(), uri.path(), parse(&body), 404);
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({ "message": "Unknown route in the fake", "code": 0 })),
+    )
+        .into_response()
+}
+
+async fn gateway_ws(AxState(s): AxState<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| serve_gateway(s, socket))
+}
+
+fn frame(op: u8, t: Option<&str>, seq: Option<u64>, d: Value) -> WsMessage {
+    WsMessage::Text(
+        json!({ "op": op, "t": t, "s": seq, "d": d })
+            .to_string()
+            .into(),
+    )
+}
+
+async fn serve_gateway(s: Arc<Shared>, mut socket: WebSocket) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if socket
+        .send(frame(
+            10,
+            None,
+            None,
+            json!({ "heartbeat_interval": 41250 }),
+        ))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let addr = s.addr.lock().unwrap().expect("bound");
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let Some(Ok(msg)) = incoming else { break };
+                let WsMessage::Text(text) = msg else { continue };
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                match v["op"].as_u64() {
+                    Some(1) => {
+                        let _ = socket.send(WsMessage::Text(json!({ "op": 11 }).to_string().into())).await;
+                    }
+                    Some(2) => {
+                        s.identifies.fetch_add(1, Ordering::SeqCst);
+                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        let ready = json!({
+                            "v": 10, "user": user(BOT_ID, "synthia", true), "guilds": [],
+                            "session_id": "session-1", "resume_gateway_url": format!("ws://{addr}/gw"),
+                            "shard": [0, 1], "application": { "id": APP_ID.to_string(), "flags": 0 }
+                        });
+                        let _ = socket.send(frame(0, Some("READY"), Some(seq), ready)).await;
+                        *s.gateway.lock().unwrap() = Some(tx.clone());
+                    }
+                    Some(6) => {
+                        s.resumes.fetch_add(1, Ordering::SeqCst);
+                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        let _ = socket.send(frame(0, Some("RESUMED"), Some(seq), json!({}))).await;
+                        let replay = std::mem::take(&mut *s.replay_on_resume.lock().unwrap());
+                        for (t, d) in replay {
+                            let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                            let _ = socket.send(frame(0, Some(&t), Some(seq), d)).await;
+                        }
+                        *s.gateway.lock().unwrap() = Some(tx.clone());
+                    }
+                    _ => {}
+                }
+            }
+            command = rx.recv() => {
+                match command {
+                    Some(GwCommand::Dispatch(t, d)) => {
+                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        if socket.send(frame(0, Some(&t), Some(seq), d)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(GwCommand::Close(code)) => {
+                        let _ = socket.send(WsMessage::Close(Some(CloseFrame { code, reason: "test".into() }))).await;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+}
