@@ -34,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Validate the configuration and exit (0 when valid).
     CheckConfig,
+    /// Run the bot on the enabled chat platforms until SIGTERM or SIGINT.
+    Serve,
     /// Chat in the terminal; the conversation is kept in the database.
     Chat(ChatArgs),
     /// Print the exact prompt the next turn would send (token counts on stderr).
@@ -142,6 +144,87 @@ fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
             max_batch: settings.model.max_batch as usize,
         },
     ))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    if settings.matrix.enabled {
+        bail!("matrix.enabled: this build has no Matrix adapter yet; set matrix.enabled = false");
+    }
+    if !settings.discord.enabled {
+        bail!(
+            "nothing to serve: enable a chat platform (discord.enabled = true with SYNTHIA_BOT__DISCORD__TOKEN)"
+        );
+    }
+    let store = open_store(&settings).await?;
+    let worker = load_worker(&settings)?;
+    let assistant = Arc::new(Assistant::new(store.clone(), worker.clone(), &settings));
+    let discord =
+        crate::adapters::discord::DiscordClient::connect(&settings.discord, assistant.clone())
+            .await?;
+    let shards = discord.shard_manager();
+    let mut running = tokio::spawn(discord.run());
+    tracing::info!("serving");
+    let outcome = tokio::select! {
+        r = &mut running => Some(r),
+        _ = shutdown_signal() => None,
+    };
+    if let Some(r) = outcome {
+        worker.shutdown();
+        store.close().await;
+        return match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("the Discord client stopped: {e}")),
+        };
+    }
+    // Stop taking messages, give replies in progress their grace period, then cancel the rest
+    // (they are stored as cancelled) and close everything.
+    tracing::info!(grace_s = settings.service.shutdown_grace, "shutting down");
+    shards.shutdown_all().await;
+    let grace = std::time::Duration::from_secs(u64::from(settings.service.shutdown_grace));
+    let deadline = tokio::time::Instant::now() + grace;
+    while assistant.answering() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if assistant.answering() > 0 {
+        tracing::info!(
+            replies = assistant.answering(),
+            "cancelling replies still in progress"
+        );
+        assistant.stop_all();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while assistant.answering() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    running.abort();
+    worker.shutdown();
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 pub async fn chat(mut settings: Settings, args: ChatArgs) -> anyhow::Result<()> {

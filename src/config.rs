@@ -24,6 +24,7 @@ pub struct Settings {
     pub memory: MemorySettings,
     pub limits: LimitSettings,
     pub log: LogSettings,
+    pub service: ServiceSettings,
     pub console: ConsoleSettings,
     pub discord: DiscordSettings,
     pub matrix: MatrixSettings,
@@ -211,6 +212,19 @@ impl Default for LogSettings {
             format: LogFormat::Text,
             level: "info".into(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSettings {
+    /// Seconds replies in progress get to finish on SIGTERM/SIGINT before they are cancelled.
+    pub shutdown_grace: u32,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self { shutdown_grace: 20 }
     }
 }
 

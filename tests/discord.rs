@@ -566,3 +566,94 @@ async fn an_unreachable_api_fails_loudly_instead_of_reaching_out() {
     assert!(err.contains("cannot reach the Discord API"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// `synthia-bot serve` as an operator runs it: answers, then SIGTERM mid-reply ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_and_shuts_down_cleanly_on_sigterm() {
+    let fake = FakeDiscord::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("serve.sqlite");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
+        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
+        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "2000")
+        .env("SYNTHIA_BOT__MEMORY__DATABASE", &db)
+        .env("SYNTHIA_BOT__DISCORD__ENABLED", "true")
+        .env("SYNTHIA_BOT__DISCORD__TOKEN", "fake-token")
+        .env("SYNTHIA_BOT__DISCORD__API_BASE", fake.api_base())
+        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    fake.wait_ready().await;
+    fake.dispatch("MESSAGE_CREATE", mention(7601, "write a very long story"));
+    // Once the reply is streaming, ask the daemon to stop.
+    fake.wait_for("the reply to start", |c| {
+        c.iter()
+            .any(|c| c.method == "POST" && c.path.ends_with("/messages"))
+    })
+    .await;
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: signalling the child this test started, by its pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let waited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    if waited.is_err() {
+        let _ = child.start_kill();
+    }
+    let mut stderr = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    let status = waited
+        .unwrap_or_else(|_| panic!("serve did not exit within 30 s of SIGTERM: {stderr}"))
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {stderr}");
+    assert!(
+        !stderr.contains("fake-token"),
+        "the token never reaches the log"
+    );
+    // The reply is stored, cancelled (or complete), never missing.
+    let store = Store::open(db.to_str().unwrap(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let conv = store
+        .find_conversation(&channel_key())
+        .await
+        .unwrap()
+        .unwrap();
+    let msgs = store.since_reset(&conv).await.unwrap();
+    let reply = msgs
+        .iter()
+        .find(|m| m.role == Role::Assistant)
+        .expect("the reply is stored");
+    assert!(
+        matches!(
+            reply.status,
+            synthia_bot::memory::Status::Cancelled | synthia_bot::memory::Status::Complete
+        ),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn serve_refuses_to_start_with_nothing_to_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing to serve"), "{err}");
+}

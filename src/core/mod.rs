@@ -286,6 +286,19 @@ pub struct Assistant {
     conversation_limit: Option<Limiter>,
     locks: Mutex<HashMap<ConversationKey, Arc<tokio::sync::Mutex<()>>>>,
     in_flight: Mutex<HashMap<ConversationKey, Vec<InFlight>>>,
+    /// Questions being answered or waiting for their conversation's turn.
+    answering: std::sync::atomic::AtomicUsize,
+    /// Set by `stop_all`: nothing new starts generating.
+    closing: std::sync::atomic::AtomicBool,
+}
+
+/// Counts a question as being answered for as long as it lives.
+struct Answering<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 fn limiter(per_minute: u32) -> Option<Limiter> {
@@ -309,6 +322,8 @@ impl Assistant {
             conversation_limit: limiter(settings.limits.conversation_per_minute),
             locks: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            answering: std::sync::atomic::AtomicUsize::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -495,8 +510,16 @@ impl Assistant {
         Ok(())
     }
 
+    /// Questions being answered or waiting for their turn (for a graceful shutdown).
+    pub fn answering(&self) -> usize {
+        self.answering.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Stores the question, waits for the conversation's turn, generates and stores the reply.
     async fn answer(&self, msg: Incoming, config: &CoreConfig, sink: &dyn ReplySink) -> Outcome {
+        self.answering
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _answering = Answering(&self.answering);
         let text_in = msg.text.trim();
         if text_in.is_empty() {
             sink.notice(text::EMPTY).await;
@@ -566,6 +589,9 @@ impl Assistant {
         config: &CoreConfig,
         sink: &dyn ReplySink,
     ) -> Result<Outcome, CoreError> {
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(WorkerError::Stopped.into());
+        }
         // Reload: settings may have changed while this message waited its turn.
         let conv = self.store.conversation(&msg.key).await?;
         if let Some(id) = question_id
@@ -719,8 +745,10 @@ impl Assistant {
         }
     }
 
-    /// Cancels every reply in progress (shutdown).
+    /// Cancels every reply in progress, and lets none start after (shutdown).
     pub fn stop_all(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
         let map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         map.values().flatten().for_each(|f| f.cancel.cancel());
     }

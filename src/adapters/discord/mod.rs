@@ -394,11 +394,27 @@ impl Handler {
         Duration::from_millis(u64::from(self.settings.edit_interval_ms.max(1)))
     }
 
-    fn key(guild: Option<GuildId>, channel: ChannelId) -> ConversationKey {
-        match guild {
-            // A thread has its own channel id, so it is its own conversation.
-            Some(g) => ConversationKey::new("discord", &g.to_string(), &channel.to_string(), ""),
-            None => ConversationKey::new("discord", "", &channel.to_string(), ""),
+    /// A channel is a conversation, a DM another, a thread its own: (guild, parent, thread),
+    /// so allow-lists by channel cover the channel's threads.
+    fn key(ctx: &Context, guild: Option<GuildId>, channel: ChannelId) -> ConversationKey {
+        let Some(g) = guild else {
+            return ConversationKey::new("discord", "", &channel.to_string(), "");
+        };
+        let parent = ctx.cache.guild(g).and_then(|guild| {
+            guild
+                .threads
+                .iter()
+                .find(|t| t.id == channel)
+                .and_then(|t| t.parent_id)
+        });
+        match parent {
+            Some(p) => ConversationKey::new(
+                "discord",
+                &g.to_string(),
+                &p.to_string(),
+                &channel.to_string(),
+            ),
+            None => ConversationKey::new("discord", &g.to_string(), &channel.to_string(), ""),
         }
     }
 
@@ -479,7 +495,7 @@ impl Handler {
             .or_else(|| msg.author.global_name.clone())
             .unwrap_or_else(|| msg.author.name.clone());
         let incoming = Incoming {
-            key: Self::key(msg.guild_id, msg.channel_id),
+            key: Self::key(&ctx, msg.guild_id, msg.channel_id),
             author: Author {
                 id: msg.author.id.to_string(),
                 name,
@@ -574,7 +590,7 @@ impl Handler {
             .unwrap_or_default();
         for (i, (text, is_command)) in texts.into_iter().enumerate() {
             let incoming = Incoming {
-                key: Self::key(cmd.guild_id, cmd.channel_id),
+                key: Self::key(&ctx, cmd.guild_id, cmd.channel_id),
                 author: Author {
                     id: cmd.user.id.to_string(),
                     name: name.clone(),
