@@ -34,39 +34,63 @@ fn request(conv: &str, prompt: Vec<u32>, max_new: usize) -> GenerationRequest {
     }
 }
 
-/// Greedy ids computed by candle-transformers' own Llama, recomputing everything each step.
-fn reference_greedy(dir: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
-    let dev = Device::Cpu;
-    let cfg: reference::LlamaConfig =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = cfg.into_config(false);
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &dev,
-        )
+/// candle-transformers' own Llama on the same weights, recomputing everything on each call.
+struct Reference {
+    llama: reference::Llama,
+    cfg: reference::Config,
+}
+
+impl Reference {
+    fn load(dir: &Path) -> Self {
+        let cfg: reference::LlamaConfig =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let cfg = cfg.into_config(false);
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )
+        }
+        .unwrap();
+        let llama = reference::Llama::load(vb, &cfg).unwrap();
+        Self { llama, cfg }
     }
-    .unwrap();
-    let llama = reference::Llama::load(vb, &cfg).unwrap();
+
+    /// Logits after the last of `tokens`, without any cache.
+    fn logits(&self, tokens: &[u32]) -> Vec<f32> {
+        let mut cache = reference::Cache::new(false, DType::F32, &self.cfg, &Device::Cpu).unwrap();
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        self.llama
+            .forward(&input, 0, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+}
+
+/// Greedy ids computed by the reference, recomputing everything each step.
+fn reference_greedy(dir: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let reference = Reference::load(dir);
     let mut tokens = prompt.to_vec();
     let mut out = Vec::new();
     let mut first_logits = Vec::new();
     for step in 0..n {
-        let mut cache = reference::Cache::new(false, DType::F32, &cfg, &dev).unwrap();
-        let input = Tensor::new(tokens.as_slice(), &dev)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = llama
-            .forward(&input, 0, &mut cache)
-            .unwrap()
-            .squeeze(0)
+        let logits = reference.logits(&tokens);
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
             .unwrap();
         if step == 0 {
-            first_logits = logits.to_vec1::<f32>().unwrap();
+            first_logits = logits;
         }
-        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
         out.push(next);
         if next == 2 {
             break;
@@ -643,30 +667,8 @@ fn batched_forward_rows_equal_the_candle_reference() {
     let loaded = load(&dir, &opts()).unwrap();
     let model = &loaded.model;
     let prompts = five_prompts();
-    let dev = Device::Cpu;
-    let cfg: reference::LlamaConfig =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = cfg.into_config(false);
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &dev,
-        )
-    }
-    .unwrap();
-    let llama = reference::Llama::load(vb, &cfg).unwrap();
-    let reference_logits = |tokens: &[u32]| {
-        let mut cache = reference::Cache::new(false, DType::F32, &cfg, &dev).unwrap();
-        let input = Tensor::new(tokens, &dev).unwrap().unsqueeze(0).unwrap();
-        llama
-            .forward(&input, 0, &mut cache)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    let reference = Reference::load(&dir);
+    let reference_logits = |tokens: &[u32]| reference.logits(tokens);
     // A mixed step: three prompts of different lengths read together.
     let mut caches: Vec<_> = (0..3).map(|_| model.new_cache()).collect();
     let logits = {
