@@ -186,11 +186,35 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .await?;
     let shards = discord.shard_manager();
     let mut running = tokio::spawn(discord.run());
+    let notifier = Arc::new(crate::service::Notifier::from_env());
+    notifier.ready();
     tracing::info!("serving");
+    // Watchdog pings stop when the inference thread stops making progress, so systemd restarts
+    // a stuck daemon.
+    let watchdog = notifier.watchdog_interval().map(|every| {
+        let (notifier, worker) = (notifier.clone(), worker.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if worker.since_heartbeat() < every {
+                    notifier.watchdog_ping();
+                } else {
+                    tracing::error!(
+                        stuck_s = worker.since_heartbeat().as_secs(),
+                        "the inference thread is not responding"
+                    );
+                }
+            }
+        })
+    });
     let outcome = tokio::select! {
         r = &mut running => Some(r),
         _ = shutdown_signal() => None,
     };
+    notifier.stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     if let Some(r) = outcome {
         worker.shutdown();
         store.close().await;

@@ -12,3 +12,4 @@ pub mod core;
 pub mod inference;
 pub mod memory;
 pub mod prompt;
+pub mod service;

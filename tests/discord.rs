@@ -573,8 +573,27 @@ async fn serve_answers_and_shuts_down_cleanly_on_sigterm() {
     let fake = FakeDiscord::start().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("serve.sqlite");
+    // systemd's notify socket, played by the test.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let notify = Arc::new(notify);
+    let receive = {
+        let notify = notify.clone();
+        move || {
+            let mut buf = [0u8; 512];
+            let n = notify.recv(&mut buf).expect("a notification");
+            (
+                String::from_utf8_lossy(&buf[..n]).to_string(),
+                Instant::now(),
+            )
+        }
+    };
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"))
         .arg("serve")
+        .env("NOTIFY_SOCKET", &notify_path)
         .current_dir(dir.path())
         .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
         .env("SYNTHIA_BOT__MODEL__THREADS", "1")
@@ -589,6 +608,16 @@ async fn serve_answers_and_shuts_down_cleanly_on_sigterm() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let (ready, ready_at) = tokio::task::spawn_blocking(receive.clone()).await.unwrap();
+    assert!(ready.contains("READY=1"), "{ready}");
+    // Readiness comes only after start-up: the model loaded and the token checked with Discord.
+    let token_checked = fake
+        .calls()
+        .iter()
+        .find(|c| c.path == "/api/v10/users/@me")
+        .map(|c| c.at)
+        .expect("the token was checked before readiness");
+    assert!(token_checked <= ready_at);
     fake.wait_ready().await;
     fake.dispatch("MESSAGE_CREATE", mention(7601, "write a very long story"));
     // Once the reply is streaming, ask the daemon to stop.

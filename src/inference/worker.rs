@@ -110,9 +110,17 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     max_batch: AtomicUsize,
+    /// Milliseconds since `epoch` when the thread last made progress or woke from waiting.
+    heartbeat: std::sync::atomic::AtomicU64,
+    epoch: Instant,
 }
 
 impl Shared {
+    fn beat(&self) {
+        self.heartbeat
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // A panic while holding the lock leaves the queue consistent: keep serving.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -161,6 +169,8 @@ impl Worker {
             }),
             wake: Condvar::new(),
             max_batch: AtomicUsize::new(opts.max_batch.max(1)),
+            heartbeat: std::sync::atomic::AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let tokenizer = loaded.tokenizer.clone();
         let description = format!("{} ({:?})", loaded.source.display(), loaded.format);
@@ -263,6 +273,14 @@ impl Worker {
         self.inner.shared.lock().waiting
     }
 
+    /// How long ago the inference thread last made progress (or woke up idle). A value that keeps
+    /// growing means the thread is stuck: the service watchdog stops pinging.
+    pub fn since_heartbeat(&self) -> Duration {
+        let shared = &self.inner.shared;
+        let now = shared.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(shared.heartbeat.load(Ordering::Acquire)))
+    }
+
     /// Changes how many conversations decode together (1 = one at a time), from the next step.
     pub fn set_max_batch(&self, n: usize) {
         self.inner
@@ -362,6 +380,7 @@ impl State {
     fn serve(&mut self, shared: &Shared) {
         let mut active: Vec<Active> = Vec::new();
         loop {
+            shared.beat();
             let max_batch = shared.max_batch.load(Ordering::Acquire).max(1);
             let admitted = {
                 let mut q = shared.lock();
@@ -386,7 +405,13 @@ impl State {
                     if !active.is_empty() {
                         break;
                     }
-                    q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                    // Wake now and then even when idle, so the heartbeat shows the thread alive.
+                    q = shared
+                        .wake
+                        .wait_timeout(q, Duration::from_millis(500))
+                        .map(|(q, _)| q)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                    shared.beat();
                 }
                 // New requests join at this step; round-robin picks which.
                 let mut admitted = Vec::new();
