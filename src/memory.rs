@@ -374,7 +374,9 @@ impl Store {
     }
 
     /// Stores a finished (or cancelled, or failed) reply, in one statement, so a crash never
-    /// leaves half a reply marked complete.
+    /// leaves half a reply marked complete. A reply to a question that is gone (deleted on the
+    /// platform meanwhile) is not stored: `None`. The check and the insert are one statement, so
+    /// no delete can slip between them.
     pub async fn append_assistant(
         &self,
         conversation: &Conversation,
@@ -382,11 +384,12 @@ impl Store {
         content: &str,
         status: Status,
         platform_message_id: Option<&str>,
-    ) -> Result<i64> {
+    ) -> Result<Option<i64>> {
         let result = sqlx::query(
             "INSERT INTO messages (conversation_id, role, author_id, author_name, content, platform,
                                    platform_message_id, reply_to, status, created_at)
-             VALUES (?, 'assistant', NULL, NULL, ?, ?, ?, ?, ?, ?)",
+             SELECT ?, 'assistant', NULL, NULL, ?, ?, ?, ?, ?, ?
+             WHERE ? IS NULL OR EXISTS (SELECT 1 FROM messages WHERE id = ?)",
         )
         .bind(conversation.id)
         .bind(content)
@@ -395,9 +398,11 @@ impl Store {
         .bind(reply_to)
         .bind(status.as_str())
         .bind(now_ms())
+        .bind(reply_to)
+        .bind(reply_to)
         .execute(&self.pool)
         .await?;
-        Ok(result.last_insert_rowid())
+        Ok((result.rows_affected() == 1).then(|| result.last_insert_rowid()))
     }
 
     /// Every message after the reset boundary, in id order.

@@ -673,22 +673,15 @@ impl Assistant {
             completion_tokens = result.completion_tokens,
             "reply generated"
         );
-        let mut reply_id = None;
-        if msg.remember && question_id.is_some() {
-            // The question may have been deleted while the reply was written.
-            if self
-                .store
-                .message(question_id.unwrap_or_default())
-                .await?
-                .is_some()
-            {
-                reply_id = Some(
-                    self.store
-                        .append_assistant(&conv, question_id, &result.text, status, None)
-                        .await?,
-                );
+        // Not stored when the question was deleted while the reply was written.
+        let reply_id = match question_id {
+            Some(q) if msg.remember => {
+                self.store
+                    .append_assistant(&conv, Some(q), &result.text, status, None)
+                    .await?
             }
-        }
+            _ => None,
+        };
         match result.finish {
             FinishReason::Error => {
                 tracing::error!(
@@ -767,28 +760,28 @@ impl Assistant {
             .is_some())
     }
 
-    /// A question was deleted on the platform: it leaves memory, and its reply stops.
+    /// A question was deleted on the platform: it leaves memory, and its reply stops. The
+    /// delete comes first, so the cancelled reply finds its question gone and is not stored.
     pub async fn message_deleted(
         &self,
         platform: &str,
         message_id: &str,
     ) -> Result<bool, CoreError> {
-        {
-            let map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            for f in map
-                .iter()
-                .filter(|(k, _)| k.platform == platform)
-                .flat_map(|(_, l)| l)
-            {
-                if f.message_id.as_deref() == Some(message_id) {
-                    f.cancel.cancel();
-                }
-            }
-        }
-        Ok(self
+        let deleted = self
             .store
             .delete_by_platform_id(platform, message_id)
             .await?
-            .is_some())
+            .is_some();
+        let map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for f in map
+            .iter()
+            .filter(|(k, _)| k.platform == platform)
+            .flat_map(|(_, l)| l)
+        {
+            if f.message_id.as_deref() == Some(message_id) {
+                f.cancel.cancel();
+            }
+        }
+        Ok(deleted)
     }
 }
