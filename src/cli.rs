@@ -169,7 +169,17 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+/// Resolves on each SIGHUP (never elsewhere).
+async fn reload_signal(hangup: &mut Option<tokio::signal::unix::Signal>) {
+    match hangup {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
     if settings.matrix.enabled {
         bail!("matrix.enabled: this build has no Matrix adapter yet; set matrix.enabled = false");
     }
@@ -207,9 +217,29 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             }
         })
     });
-    let outcome = tokio::select! {
-        r = &mut running => Some(r),
-        _ = shutdown_signal() => None,
+    // SIGHUP re-reads the configuration and applies what can change live.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut running => break Some(r),
+            _ = &mut shutdown => break None,
+            _ = reload_signal(&mut hangup) => {
+                notifier.reloading();
+                match load_settings(config.as_deref()) {
+                    Ok(new) => {
+                        let changed = assistant.reload(&new);
+                        if new.model != settings.model || new.memory != settings.memory || new.discord.token != settings.discord.token {
+                            tracing::warn!("model, memory and connection settings change only on restart");
+                        }
+                        tracing::info!(changed = ?changed, "configuration reloaded");
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+                }
+                notifier.ready();
+            }
+        }
     };
     notifier.stopping();
     if let Some(w) = watchdog {

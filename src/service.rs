@@ -53,6 +53,10 @@ impl Notifier {
         self.send("READY=1\nSTATUS=serving");
     }
 
+    pub fn reloading(&self) {
+        self.send("RELOADING=1\nSTATUS=reloading the configuration");
+    }
+
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=shutting down");
     }

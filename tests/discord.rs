@@ -686,3 +686,86 @@ fn serve_refuses_to_start_with_nothing_to_serve() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nothing to serve"), "{err}");
 }
+
+/// SIGHUP re-reads the configuration: here the allow-list shrinks and alice is no longer answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_access_rules() {
+    let fake = FakeDiscord::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("reload.sqlite");
+    let config = dir.path().join("bot.toml");
+    let write_config = |users: &str| {
+        std::fs::write(
+            &config,
+            format!("[discord]\nenabled = true\n\n[discord.access]\nallowed_users = [{users}]\n"),
+        )
+        .unwrap()
+    };
+    write_config(&format!("\"{}\", \"{ADMIN}\"", ALICE.0));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
+        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
+        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "8")
+        .env("SYNTHIA_BOT__MEMORY__DATABASE", &db)
+        .env("SYNTHIA_BOT__DISCORD__TOKEN", "fake-token")
+        .env("SYNTHIA_BOT__DISCORD__API_BASE", fake.api_base())
+        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    fake.wait_ready().await;
+    let store = Store::open(db.to_str().unwrap(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    fake.dispatch("MESSAGE_CREATE", mention(7701, "am I allowed?"));
+    wait_reply(&store, &channel_key(), "7701").await;
+
+    write_config(&format!("\"{ADMIN}\""));
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: signalling the child this test started, by its pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    // The reload is done once a later message from the admin is answered; alice's, sent after
+    // the signal, is not.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fake.dispatch("MESSAGE_CREATE", mention(7702, "still allowed?"));
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        fake_discord::message(
+            7703,
+            CHANNEL,
+            Some(GUILD),
+            (ADMIN, "boss"),
+            &format!("<@{BOT_ID}> hi"),
+            &[BOT_ID],
+            None,
+        ),
+    );
+    wait_reply(&store, &channel_key(), "7703").await;
+    assert!(
+        !store.is_known("discord", "7702").await.unwrap(),
+        "alice is no longer answered"
+    );
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut stderr = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("configuration reloaded") && stderr.contains("discord.access"),
+        "{stderr}"
+    );
+}

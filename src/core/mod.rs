@@ -277,13 +277,29 @@ struct InFlight {
     cancel: CancelToken,
 }
 
+/// Rate limiters with the settings they were built from (rebuilt only when those change).
+struct Limits {
+    per_minute: (u32, u32),
+    user: Option<Arc<Limiter>>,
+    conversation: Option<Arc<Limiter>>,
+}
+
+impl Limits {
+    fn new(user: u32, conversation: u32) -> Self {
+        Self {
+            per_minute: (user, conversation),
+            user: limiter(user).map(Arc::new),
+            conversation: limiter(conversation).map(Arc::new),
+        }
+    }
+}
+
 pub struct Assistant {
     store: Store,
     worker: Worker,
-    prompter: Prompter,
+    prompter: RwLock<Prompter>,
     config: RwLock<CoreConfig>,
-    user_limit: Option<Limiter>,
-    conversation_limit: Option<Limiter>,
+    limits: RwLock<Limits>,
     locks: Mutex<HashMap<ConversationKey, Arc<tokio::sync::Mutex<()>>>>,
     in_flight: Mutex<HashMap<ConversationKey, Vec<InFlight>>>,
     /// Questions being answered or waiting for their conversation's turn.
@@ -316,10 +332,12 @@ impl Assistant {
         Self {
             store,
             worker,
-            prompter,
+            prompter: RwLock::new(prompter),
             config: RwLock::new(CoreConfig::from_settings(settings)),
-            user_limit: limiter(settings.limits.user_per_minute),
-            conversation_limit: limiter(settings.limits.conversation_per_minute),
+            limits: RwLock::new(Limits::new(
+                settings.limits.user_per_minute,
+                settings.limits.conversation_per_minute,
+            )),
             locks: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             answering: std::sync::atomic::AtomicUsize::new(0),
@@ -335,8 +353,54 @@ impl Assistant {
         &self.worker
     }
 
-    pub fn prompter(&self) -> &Prompter {
-        &self.prompter
+    pub fn prompter(&self) -> Prompter {
+        self.prompter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies the settings that can change while running (system prompt and prompt rules,
+    /// sampling, reply length, access rules, rate limits) and names what changed. Model, memory
+    /// and platform connection settings need a restart.
+    pub fn reload(&self, settings: &Settings) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        {
+            let mut prompter = self.prompter.write().unwrap_or_else(|e| e.into_inner());
+            if prompter.settings != settings.prompt {
+                prompter.settings = settings.prompt.clone();
+                changed.push("prompt");
+            }
+            if prompter.default_max_new_tokens != settings.model.max_new_tokens {
+                prompter.default_max_new_tokens = settings.model.max_new_tokens;
+                changed.push("model.max_new_tokens");
+            }
+        }
+        let new = CoreConfig::from_settings(settings);
+        let old = self.config();
+        if old.sampling != new.sampling {
+            changed.push("sampling");
+        }
+        for platform in ["discord", "matrix"] {
+            if old.access.get(platform) != new.access.get(platform) {
+                changed.push(if platform == "discord" {
+                    "discord.access"
+                } else {
+                    "matrix.access"
+                });
+            }
+        }
+        self.set_config(new);
+        let wanted = (
+            settings.limits.user_per_minute,
+            settings.limits.conversation_per_minute,
+        );
+        let mut limits = self.limits.write().unwrap_or_else(|e| e.into_inner());
+        if limits.per_minute != wanted {
+            *limits = Limits::new(wanted.0, wanted.1);
+            changed.push("limits");
+        }
+        changed
     }
 
     pub fn config(&self) -> CoreConfig {
@@ -426,10 +490,11 @@ impl Assistant {
     fn rate_limited(&self, msg: &Incoming) -> Option<Duration> {
         let now = DefaultClock::default().now();
         let user_key = format!("{}:{}", msg.key.platform, msg.author.id);
-        for (limiter, key) in [
-            (&self.user_limit, user_key),
-            (&self.conversation_limit, msg.key.to_string()),
-        ] {
+        let (user, conversation) = {
+            let limits = self.limits.read().unwrap_or_else(|e| e.into_inner());
+            (limits.user.clone(), limits.conversation.clone())
+        };
+        for (limiter, key) in [(&user, user_key), (&conversation, msg.key.to_string())] {
             if let Some(l) = limiter {
                 // Forget users whose quota has refilled, so the map does not grow forever.
                 if l.len() > 10_000 {
@@ -495,7 +560,7 @@ impl Assistant {
                     }
                     Setting::MaxTokens(n) => {
                         settings.max_new_tokens = Some(*n);
-                        let effective = self.prompter.max_new_tokens(&Conversation {
+                        let effective = self.prompter().max_new_tokens(&Conversation {
                             settings: settings.clone(),
                             ..conv.clone()
                         });
@@ -606,14 +671,14 @@ impl Assistant {
                 id: i64::MAX,
                 exchange: i64::MAX,
                 role: Role::User,
-                speaker: (!conv.private && self.prompter.settings.speaker_names)
+                speaker: (!conv.private && self.prompter().settings.speaker_names)
                     .then(|| msg.author.name.clone()),
                 content: msg.text.clone(),
                 cached: None,
             }),
         };
         let prepared = self
-            .prompter
+            .prompter()
             .prepare(&self.store, &conv, question_id, extra, msg.remember)
             .await?;
         if let Some(cut) = prepared.built.cut_chars {
