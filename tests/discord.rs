@@ -567,6 +567,28 @@ async fn an_unreachable_api_fails_loudly_instead_of_reaching_out() {
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
+/// The daemon binary set up against the fake, with the tiny model and a database in `dir`.
+fn serve_command(
+    fake: &FakeDiscord,
+    dir: &std::path::Path,
+    db: &std::path::Path,
+    max_new: &str,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"));
+    c.current_dir(dir)
+        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
+        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
+        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", max_new)
+        .env("SYNTHIA_BOT__MEMORY__DATABASE", db)
+        .env("SYNTHIA_BOT__DISCORD__TOKEN", "fake-token")
+        .env("SYNTHIA_BOT__DISCORD__API_BASE", fake.api_base())
+        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
 /// `synthia-bot serve` as an operator runs it: answers, then SIGTERM mid-reply ends it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_and_shuts_down_cleanly_on_sigterm() {
@@ -591,21 +613,10 @@ async fn serve_answers_and_shuts_down_cleanly_on_sigterm() {
             )
         }
     };
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"))
+    let mut child = serve_command(&fake, dir.path(), &db, "2000")
         .arg("serve")
         .env("NOTIFY_SOCKET", &notify_path)
-        .current_dir(dir.path())
-        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
-        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
-        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "2000")
-        .env("SYNTHIA_BOT__MEMORY__DATABASE", &db)
         .env("SYNTHIA_BOT__DISCORD__ENABLED", "true")
-        .env("SYNTHIA_BOT__DISCORD__TOKEN", "fake-token")
-        .env("SYNTHIA_BOT__DISCORD__API_BASE", fake.api_base())
-        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let (ready, ready_at) = tokio::task::spawn_blocking(receive.clone()).await.unwrap();
@@ -702,19 +713,8 @@ async fn sighup_reloads_the_access_rules() {
         .unwrap()
     };
     write_config(&format!("\"{}\", \"{ADMIN}\"", ALICE.0));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"))
+    let mut child = serve_command(&fake, dir.path(), &db, "8")
         .args(["serve", "--config", config.to_str().unwrap()])
-        .current_dir(dir.path())
-        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
-        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
-        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "8")
-        .env("SYNTHIA_BOT__MEMORY__DATABASE", &db)
-        .env("SYNTHIA_BOT__DISCORD__TOKEN", "fake-token")
-        .env("SYNTHIA_BOT__DISCORD__API_BASE", fake.api_base())
-        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     fake.wait_ready().await;
