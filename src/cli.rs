@@ -300,28 +300,19 @@ pub async fn chat(mut settings: Settings, args: ChatArgs) -> anyhow::Result<()> 
 /// The tokenizer the configured model uses, without loading its weights.
 fn tokenizer_for(settings: &Settings) -> anyhow::Result<(Arc<TextTokenizer>, usize)> {
     let m = &settings.model;
-    let mut context = m.context_length as usize;
-    let path = if !m.tokenizer.is_empty() {
-        PathBuf::from(&m.tokenizer)
-    } else if !m.path.is_empty() {
-        let p = Path::new(&m.path);
-        if p.is_dir() {
-            // The model's own window may be smaller than the configured one.
-            if let Ok(text) = std::fs::read_to_string(p.join("config.json"))
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-                && let Some(max) = v.get("max_position_embeddings").and_then(|v| v.as_u64())
-            {
-                context = context.min(max as usize);
-            }
-            p.join("tokenizer.json")
-        } else {
-            p.parent().unwrap_or(Path::new(".")).join("tokenizer.json")
-        }
-    } else {
+    if m.path.is_empty() && m.tokenizer.is_empty() {
         bail!(
             "set model.path (or model.tokenizer) so the prompt can be counted with the model's tokenizer"
         );
-    };
+    }
+    let model = Path::new(&m.path);
+    let explicit = (!m.tokenizer.is_empty()).then(|| Path::new(&m.tokenizer));
+    let path = inference::loader::tokenizer_path(model, explicit);
+    // The model's own window may be smaller than the configured one, as the worker also finds.
+    let context = inference::loader::declared_context(model)
+        .map_or(m.context_length as usize, |max| {
+            max.min(m.context_length as usize)
+        });
     Ok((Arc::new(TextTokenizer::from_file(&path)?), context))
 }
 

@@ -304,18 +304,6 @@ impl Store {
         Ok(row.map(|r| conversation_from_row(&r)))
     }
 
-    pub async fn conversation_by_id(&self, id: i64) -> Result<Option<Conversation>> {
-        let row = sqlx::query(
-            "SELECT id, platform, space, channel, thread, reset_after, trim_after, system_prompt,
-                    temperature, max_new_tokens, private
-             FROM conversations WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| conversation_from_row(&r)))
-    }
-
     pub async fn conversations(&self) -> Result<Vec<Conversation>> {
         let rows = sqlx::query(
             "SELECT id, platform, space, channel, thread, reset_after, trim_after, system_prompt,
@@ -583,10 +571,16 @@ impl Store {
         let key = conversation.key.to_string();
         let boundary = conversation.reset_after;
         let mut out = Vec::new();
+        // The last reply to each question, found in one pass.
+        let mut answers: std::collections::HashMap<i64, &StoredMessage> =
+            std::collections::HashMap::new();
+        for m in messages.iter().filter(|m| m.role == Role::Assistant) {
+            if let Some(q) = m.reply_to {
+                answers.insert(q, m);
+            }
+        }
         for question in messages.iter().filter(|m| m.role == Role::User) {
-            let answer = messages
-                .iter()
-                .rfind(|m| m.role == Role::Assistant && m.reply_to == Some(question.id));
+            let answer = answers.get(&question.id).copied();
             out.push(Exchange {
                 conversation: key.clone(),
                 author: question.author_name.clone(),

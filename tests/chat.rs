@@ -40,8 +40,13 @@ impl Env {
     }
 
     fn chat(&self, input: &str) -> Output {
+        self.chat_with(&["chat"], input)
+    }
+
+    /// Runs `chat` with these arguments, `input` piped in; it must succeed.
+    fn chat_with(&self, args: &[&str], input: &str) -> Output {
         let mut child = self
-            .command(&["chat"])
+            .command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -197,15 +202,7 @@ fn reset_and_system_commands() {
     );
     assert!(!prompt.contains("before the reset"));
     // The system prompt is this conversation's only.
-    let mut child = env
-        .command(&["chat", "--conversation", "other"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    env.chat_with(&["chat", "--conversation", "other"], "hello\n");
     let other_prompt = String::from_utf8(
         env.run(&["prompt", "--conversation", "console:other"])
             .stdout,

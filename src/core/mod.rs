@@ -206,12 +206,19 @@ impl Prompter {
 /// The turns a prompt sees: questions up to `upto` and their stored answers, each answer right
 /// after its question (answers are stored later than questions that arrived meanwhile).
 pub fn context_turns(history: &[StoredMessage], upto: Option<i64>, private: bool) -> Vec<Turn> {
-    let questions: Vec<&StoredMessage> = history
+    let mut answers: HashMap<i64, Vec<&StoredMessage>> = HashMap::new();
+    for a in history.iter().filter(|m| {
+        m.role == Role::Assistant && m.status != Status::Failed && !m.content.trim().is_empty()
+    }) {
+        if let Some(q) = a.reply_to {
+            answers.entry(q).or_default().push(a);
+        }
+    }
+    let mut turns = Vec::new();
+    for q in history
         .iter()
         .filter(|m| m.role == Role::User && upto.is_none_or(|u| m.id <= u))
-        .collect();
-    let mut turns = Vec::new();
-    for q in questions {
+    {
         turns.push(Turn {
             id: q.id,
             exchange: q.id,
@@ -220,12 +227,7 @@ pub fn context_turns(history: &[StoredMessage], upto: Option<i64>, private: bool
             content: q.content.clone(),
             cached: q.token_count.zip(q.token_key),
         });
-        for a in history.iter().filter(|m| {
-            m.role == Role::Assistant
-                && m.reply_to == Some(q.id)
-                && m.status != Status::Failed
-                && !m.content.trim().is_empty()
-        }) {
+        for a in answers.get(&q.id).into_iter().flatten() {
             turns.push(Turn {
                 id: a.id,
                 exchange: q.id,
@@ -243,8 +245,6 @@ pub fn context_turns(history: &[StoredMessage], upto: Option<i64>, private: bool
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub sampling: SamplingSettings,
-    pub system: String,
-    pub max_message_chars: usize,
     pub access: HashMap<String, Access>,
 }
 
@@ -256,8 +256,6 @@ impl CoreConfig {
         access.insert("matrix".to_string(), Access::new(s.matrix.access.clone()));
         Self {
             sampling: s.sampling.clone(),
-            system: s.prompt.system.clone(),
-            max_message_chars: s.prompt.max_message_chars as usize,
             access,
         }
     }
@@ -476,7 +474,7 @@ impl Assistant {
                     sink.notice(text::NOT_ALLOWED).await;
                     return Outcome::Command;
                 }
-                if let Err(e) = self.execute(&cmd, &msg, &config, sink).await {
+                if let Err(e) = self.execute(&cmd, &msg, sink).await {
                     tracing::error!(error = %e, "command failed");
                     sink.fail(e.user_text()).await;
                     return Outcome::Failed;
@@ -512,7 +510,6 @@ impl Assistant {
         &self,
         cmd: &Command,
         msg: &Incoming,
-        config: &CoreConfig,
         sink: &dyn ReplySink,
     ) -> Result<(), CoreError> {
         match cmd {
@@ -539,7 +536,9 @@ impl Assistant {
             Command::System(None) => {
                 let conv = self.store.conversation(&msg.key).await?;
                 let custom = conv.settings.system_prompt.clone();
-                let shown = custom.clone().unwrap_or_else(|| config.system.clone());
+                let shown = custom
+                    .clone()
+                    .unwrap_or_else(|| self.prompter().settings.system);
                 sink.notice(&text::system_is(&shown, custom.is_some()))
                     .await;
             }
@@ -591,9 +590,9 @@ impl Assistant {
             return Outcome::Rejected;
         }
         let chars = text_in.chars().count();
-        if chars > config.max_message_chars {
-            sink.fail(&text::too_long(chars, config.max_message_chars))
-                .await;
+        let limit = self.prompter().settings.max_message_chars as usize;
+        if chars > limit {
+            sink.fail(&text::too_long(chars, limit)).await;
             return Outcome::Rejected;
         }
         // The user turn is stored before anything else, so a crash or restart loses nothing.

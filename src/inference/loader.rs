@@ -285,11 +285,30 @@ fn eos_ids(value: Option<&serde_json::Value>, tokenizer: &TextTokenizer) -> Vec<
     ids
 }
 
-fn load_tokenizer(explicit: Option<&Path>, beside: &Path) -> Result<TextTokenizer, LoadError> {
-    let path = explicit
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| beside.join("tokenizer.json"));
-    Ok(TextTokenizer::from_file(&path)?)
+/// Where a model's tokenizer is: the one named, else `tokenizer.json` in the model directory or
+/// beside the GGUF file.
+pub fn tokenizer_path(model: &Path, explicit: Option<&Path>) -> PathBuf {
+    match explicit {
+        Some(p) => p.to_path_buf(),
+        None if model.is_dir() => model.join("tokenizer.json"),
+        None => model
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("tokenizer.json"),
+    }
+}
+
+/// The context window a model directory's `config.json` declares, if it can be read.
+pub fn declared_context(model: &Path) -> Option<usize> {
+    let path = model.join("config.json");
+    path.exists()
+        .then(|| read_hf_config(&path).ok())
+        .flatten()
+        .map(|c| c.max_position_embeddings)
+}
+
+fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<TextTokenizer, LoadError> {
+    Ok(TextTokenizer::from_file(&tokenizer_path(model, explicit))?)
 }
 
 /// The weight files of a directory: an index of shards, or one `model.safetensors`.
@@ -357,7 +376,7 @@ fn load_safetensors_dir(
         });
     }
     let cfg = read_hf_config(&config_path)?;
-    let tokenizer = load_tokenizer(opts.tokenizer.as_deref(), dir)?;
+    let tokenizer = load_tokenizer(dir, opts.tokenizer.as_deref())?;
     if tokenizer.vocab_size() > cfg.vocab_size {
         return Err(LoadError::VocabMismatch {
             model: cfg.vocab_size,
@@ -624,10 +643,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedM
         expect(&format!("{p}.ffn_down.weight"), &[hidden, intermediate])?;
     }
 
-    let tokenizer = load_tokenizer(
-        opts.tokenizer.as_deref(),
-        path.parent().unwrap_or(Path::new(".")),
-    )?;
+    let tokenizer = load_tokenizer(path, opts.tokenizer.as_deref())?;
     if tokenizer.vocab_size() > vocab {
         return Err(LoadError::VocabMismatch {
             model: vocab,

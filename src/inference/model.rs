@@ -106,10 +106,19 @@ impl SeqCache {
             .sum()
     }
 
-    /// Keeps only the first `n` positions (the buffers keep their size).
-    pub fn truncate(&mut self, n: usize) -> candle_core::Result<()> {
-        self.tokens.truncate(n);
-        Ok(())
+    /// Keeps the longest cached prefix of `prompt` (but never all of it: the last prompt token
+    /// is always computed, for its logits) and forgets the rest. Returns the positions kept.
+    pub fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
+        let common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = common.min(prompt.len().saturating_sub(1));
+        // The buffers keep their size; positions past `keep` are overwritten later.
+        self.tokens.truncate(keep);
+        keep
     }
 
     /// Writes a layer's new keys/values after the cached ones; returns views of all of them.
@@ -390,15 +399,7 @@ impl LlamaModel {
         cache: &mut SeqCache,
         chunk: usize,
     ) -> candle_core::Result<(Tensor, usize)> {
-        let common = cache
-            .tokens
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // Always compute at least the last token, to get its logits.
-        let reuse = common.min(tokens.len().saturating_sub(1));
-        cache.truncate(reuse)?;
+        let reuse = cache.reuse_prefix(tokens);
         let mut logits = None;
         for piece in tokens[reuse..].chunks(chunk.max(1)) {
             logits = Some(self.forward(piece, cache)?);

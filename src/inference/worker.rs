@@ -133,7 +133,6 @@ struct Inner {
     tokenizer: Arc<TextTokenizer>,
     context_length: usize,
     capacity: usize,
-    description: String,
 }
 
 impl Drop for Inner {
@@ -173,7 +172,6 @@ impl Worker {
             epoch: Instant::now(),
         });
         let tokenizer = loaded.tokenizer.clone();
-        let description = format!("{} ({:?})", loaded.source.display(), loaded.format);
         let mut state = State {
             model: loaded.model,
             tokenizer: loaded.tokenizer,
@@ -197,7 +195,6 @@ impl Worker {
                 tokenizer,
                 context_length,
                 capacity: opts.queue_capacity.max(1),
-                description,
             }),
         }
     }
@@ -262,15 +259,6 @@ impl Worker {
     /// The context window requests must fit in.
     pub fn context_length(&self) -> usize {
         self.inner.context_length
-    }
-
-    pub fn description(&self) -> &str {
-        &self.inner.description
-    }
-
-    /// Requests waiting (not counting the one running).
-    pub fn waiting(&self) -> usize {
-        self.inner.shared.lock().waiting
     }
 
     /// How long ago the inference thread last made progress (or woke up idle). A value that keeps
@@ -395,7 +383,10 @@ impl State {
                         // Nothing waiting is served after shutdown: say so to each caller.
                         while let Some(p) = q.pop() {
                             p.position.store(0, Ordering::Release);
-                            let _ = p.tx.send(GenerationEvent::Finished(cancelled(&p, 0)));
+                            let _ = p.tx.send(GenerationEvent::Finished(empty_result(
+                                &p,
+                                FinishReason::Cancelled,
+                            )));
                         }
                         return;
                     }
@@ -448,11 +439,14 @@ impl State {
     /// Takes a request on: its conversation's cache, the reusable prefix, its sampler.
     fn start(&mut self, p: Pending, serial: u64) -> Option<Active> {
         let conv = p.req.conversation.clone();
-        let mut result = cancelled(&p, 0);
         if p.cancel.is_cancelled() {
-            let _ = p.tx.send(GenerationEvent::Finished(result));
+            let _ = p.tx.send(GenerationEvent::Finished(empty_result(
+                &p,
+                FinishReason::Cancelled,
+            )));
             return None;
         }
+        let mut result = empty_result(&p, FinishReason::Length);
         let _ = p.tx.send(GenerationEvent::Started { serial });
         let span = tracing::debug_span!("generate", conversation = %conv, serial);
         let _enter = span.enter();
@@ -461,19 +455,7 @@ impl State {
             .take(&conv)
             .unwrap_or_else(|| self.model.new_cache());
         let prompt = &p.req.prompt;
-        let common = cache
-            .tokens()
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // Always compute at least the last prompt token, to get its logits.
-        let reuse = common.min(prompt.len().saturating_sub(1));
-        if cache.truncate(reuse).is_err() {
-            cache = self.model.new_cache();
-        }
-        result.reused_tokens = cache.len();
-        result.finish = FinishReason::Length;
+        result.reused_tokens = cache.reuse_prefix(prompt);
         let max_new = p
             .req
             .max_new_tokens
@@ -666,14 +648,15 @@ impl State {
     }
 }
 
-fn cancelled(p: &Pending, reused: usize) -> GenerationResult {
+/// The record of a request with nothing generated (yet), ending as `finish`.
+fn empty_result(p: &Pending, finish: FinishReason) -> GenerationResult {
     GenerationResult {
         text: String::new(),
         tokens: Vec::new(),
-        finish: FinishReason::Cancelled,
+        finish,
         error: None,
         prompt_tokens: p.req.prompt.len(),
-        reused_tokens: reused,
+        reused_tokens: 0,
         completion_tokens: 0,
         queue_time: p.submitted.elapsed(),
         prefill_time: Duration::ZERO,
