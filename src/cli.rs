@@ -116,7 +116,7 @@ pub fn init_logging(settings: &Settings) {
     };
 }
 
-async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+pub(crate) async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     Ok(Store::open(
         &settings.memory.database,
         std::time::Duration::from_millis(u64::from(settings.memory.busy_timeout_ms)),
@@ -124,7 +124,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     .await?)
 }
 
-fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
+pub(crate) fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
     let started = std::time::Instant::now();
     let loaded = inference::load_from_settings(&settings.model).context("cannot load the model")?;
     tracing::info!(
@@ -147,7 +147,7 @@ fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -170,115 +170,13 @@ async fn shutdown_signal() {
 }
 
 /// Resolves on each SIGHUP (never elsewhere).
-async fn reload_signal(hangup: &mut Option<tokio::signal::unix::Signal>) {
+pub(crate) async fn reload_signal(hangup: &mut Option<tokio::signal::unix::Signal>) {
     match hangup {
         Some(h) => {
             h.recv().await;
         }
         None => std::future::pending::<()>().await,
     }
-}
-
-pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
-    if settings.matrix.enabled {
-        bail!("matrix.enabled: this build has no Matrix adapter yet; set matrix.enabled = false");
-    }
-    if !settings.discord.enabled {
-        bail!(
-            "nothing to serve: enable a chat platform (discord.enabled = true with SYNTHIA_BOT__DISCORD__TOKEN)"
-        );
-    }
-    let store = open_store(&settings).await?;
-    let worker = load_worker(&settings)?;
-    let assistant = Arc::new(Assistant::new(store.clone(), worker.clone(), &settings));
-    let discord =
-        crate::adapters::discord::DiscordClient::connect(&settings.discord, assistant.clone())
-            .await?;
-    let shards = discord.shard_manager();
-    let mut running = tokio::spawn(discord.run());
-    let notifier = Arc::new(crate::service::Notifier::from_env());
-    notifier.ready();
-    tracing::info!("serving");
-    // Watchdog pings stop when the inference thread stops making progress, so systemd restarts
-    // a stuck daemon.
-    let watchdog = notifier.watchdog_interval().map(|every| {
-        let (notifier, worker) = (notifier.clone(), worker.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if worker.since_heartbeat() < every {
-                    notifier.watchdog_ping();
-                } else {
-                    tracing::error!(
-                        stuck_s = worker.since_heartbeat().as_secs(),
-                        "the inference thread is not responding"
-                    );
-                }
-            }
-        })
-    });
-    // SIGHUP re-reads the configuration and applies what can change live.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    let outcome = loop {
-        tokio::select! {
-            r = &mut running => break Some(r),
-            _ = &mut shutdown => break None,
-            _ = reload_signal(&mut hangup) => {
-                notifier.reloading();
-                match load_settings(config.as_deref()) {
-                    Ok(new) => {
-                        let changed = assistant.reload(&new);
-                        if new.model != settings.model || new.memory != settings.memory || new.discord.token != settings.discord.token {
-                            tracing::warn!("model, memory and connection settings change only on restart");
-                        }
-                        tracing::info!(changed = ?changed, "configuration reloaded");
-                    }
-                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
-                }
-                notifier.ready();
-            }
-        }
-    };
-    notifier.stopping();
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    if let Some(r) = outcome {
-        worker.shutdown();
-        store.close().await;
-        return match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("the Discord client stopped: {e}")),
-        };
-    }
-    // Stop taking messages, give replies in progress their grace period, then cancel the rest
-    // (they are stored as cancelled) and close everything.
-    tracing::info!(grace_s = settings.service.shutdown_grace, "shutting down");
-    shards.shutdown_all().await;
-    let grace = std::time::Duration::from_secs(u64::from(settings.service.shutdown_grace));
-    let deadline = tokio::time::Instant::now() + grace;
-    while assistant.answering() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    if assistant.answering() > 0 {
-        tracing::info!(
-            replies = assistant.answering(),
-            "cancelling replies still in progress"
-        );
-        assistant.stop_all();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while assistant.answering() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-    running.abort();
-    worker.shutdown();
-    store.close().await;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 pub async fn chat(mut settings: Settings, args: ChatArgs) -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub log: LogSettings,
     pub service: ServiceSettings,
+    pub metrics: MetricsSettings,
     pub console: ConsoleSettings,
     pub discord: DiscordSettings,
     pub matrix: MatrixSettings,
@@ -228,6 +229,13 @@ impl Default for ServiceSettings {
     }
 }
 
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Loopback address for Prometheus metrics (`127.0.0.1:9464` serves `/metrics`); empty = off.
+    pub listen: String,
+}
+
 /// Who may talk to the bot on one platform. Empty allow-lists allow everyone.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -303,6 +311,11 @@ pub struct MatrixSettings {
     pub store_path: String,
     pub store_passphrase: String,
     pub recovery_key: String,
+    /// Prefix of commands (`!reset`).
+    pub command_prefix: String,
+    /// Least time between two edits of a streamed reply, in milliseconds.
+    pub edit_interval_ms: u32,
+    /// Rooms (ids) where every message is answered, mention or not.
     pub always_answer: Vec<String>,
     pub access: AccessSettings,
 }
@@ -319,6 +332,8 @@ impl Default for MatrixSettings {
             store_path: "data/matrix".into(),
             store_passphrase: String::new(),
             recovery_key: String::new(),
+            command_prefix: "!".into(),
+            edit_interval_ms: 1000,
             always_answer: Vec::new(),
             access: AccessSettings::default(),
         }
@@ -534,6 +549,23 @@ impl Settings {
                 "required when discord.enabled = true (set SYNTHIA_BOT__DISCORD__TOKEN)",
             ));
         }
+        if !self.metrics.listen.is_empty() {
+            match self.metrics.listen.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(_) => {
+                    return Err(ConfigError::new(
+                        "metrics.listen",
+                        "must be a loopback address such as 127.0.0.1:9464 (metrics are not for the open network; put a proxy in front to share them)",
+                    ));
+                }
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        "metrics.listen",
+                        "must be an address and port such as 127.0.0.1:9464, or empty to turn metrics off",
+                    ));
+                }
+            }
+        }
         if self.matrix.enabled {
             let mx = &self.matrix;
             if mx.homeserver.trim().is_empty() {
@@ -548,10 +580,22 @@ impl Settings {
                     "must be a full Matrix user id such as @synthia:example.org",
                 ));
             }
-            if mx.password.is_empty() && mx.access_token.is_empty() {
+            if !mx.homeserver.starts_with("http://") && !mx.homeserver.starts_with("https://") {
                 return Err(ConfigError::new(
-                    "matrix.password",
-                    "matrix.password or matrix.access_token is required when matrix.enabled = true",
+                    "matrix.homeserver",
+                    "must be an http:// or https:// URL such as https://matrix.example.org",
+                ));
+            }
+            if mx.store_path.trim().is_empty() {
+                return Err(ConfigError::new(
+                    "matrix.store_path",
+                    "required: the session and encryption keys are kept there",
+                ));
+            }
+            if mx.command_prefix.trim().is_empty() {
+                return Err(ConfigError::new(
+                    "matrix.command_prefix",
+                    "must not be empty",
                 ));
             }
         }

@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! synthia-bot: a self-hosted daemon that puts a local Synthia-7B into Discord, Matrix and the
 //! terminal, with persistent memory.
 //!
@@ -11,5 +12,7 @@ pub mod config;
 pub mod core;
 pub mod inference;
 pub mod memory;
+pub mod metrics;
 pub mod prompt;
+pub mod serve;
 pub mod service;

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::CheckConfig => Ok(()),
-            Command::Serve => cli::serve(settings, cli.config.clone()).await,
+            Command::Serve => synthia_bot::serve::serve(settings, cli.config.clone()).await,
             Command::Chat(args) => cli::chat(settings, args).await,
             Command::Prompt(args) => cli::prompt(settings, args).await,
             Command::Export(args) => cli::export(settings, args).await,

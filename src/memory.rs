@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -395,11 +395,11 @@ impl Store {
 
     /// Every message after the reset boundary, in id order.
     pub async fn since_reset(&self, conversation: &Conversation) -> Result<Vec<StoredMessage>> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages
              WHERE conversation_id = ? AND id > (SELECT reset_after FROM conversations WHERE id = ?)
              ORDER BY id"
-        ))
+        )))
         .bind(conversation.id)
         .bind(conversation.id)
         .fetch_all(&self.pool)
@@ -409,9 +409,9 @@ impl Store {
 
     /// Every message of the conversation, reset or not, in id order.
     pub async fn all_messages(&self, conversation_id: i64) -> Result<Vec<StoredMessage>> {
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id"
-        ))
+        )))
         .bind(conversation_id)
         .fetch_all(&self.pool)
         .await?;
@@ -419,9 +419,9 @@ impl Store {
     }
 
     pub async fn message(&self, id: i64) -> Result<Option<StoredMessage>> {
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"
-        ))
+        )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;

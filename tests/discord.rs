@@ -55,7 +55,7 @@ async fn start(edit: impl FnOnce(&mut Settings)) -> Bot {
     let client = DiscordClient::connect(&settings.discord, assistant)
         .await
         .unwrap();
-    let task = tokio::spawn(client.run());
+    let task = tokio::spawn(client.run(tokio::sync::watch::channel(false).1));
     fake.wait_ready().await;
     Bot {
         fake,
@@ -623,10 +623,7 @@ async fn serve_answers_and_shuts_down_cleanly_on_sigterm() {
     assert!(ready.contains("READY=1"), "{ready}");
     // Readiness comes only after start-up: the model loaded and the token checked with Discord.
     let token_checked = fake
-        .calls()
-        .iter()
-        .find(|c| c.path == "/api/v10/users/@me")
-        .map(|c| c.at)
+        .first_call_at("/api/v10/users/@me")
         .expect("the token was checked before readiness");
     assert!(token_checked <= ready_at);
     fake.wait_ready().await;

@@ -80,6 +80,32 @@ impl Access {
                 .any(|r| self.rules.admin_roles.contains(r))
     }
 
+    /// Whether a user may bring the bot into a room (invites), by user and room rules alone.
+    pub fn admits(&self, user: &str, room: &str) -> bool {
+        if self.open {
+            return true;
+        }
+        if self.closed {
+            return false;
+        }
+        if any_match(&self.rules.admins, user) {
+            return true;
+        }
+        let r = &self.rules;
+        let user_ok = r.allowed_users.is_empty() || any_match(&r.allowed_users, user);
+        let room_ok = r.allowed_channels.is_empty() || any_match(&r.allowed_channels, room);
+        user_ok && room_ok
+    }
+
+    /// Whether a user counts as someone the bot is there for (a room with none left is left).
+    pub fn admits_user(&self, user: &str) -> bool {
+        self.open
+            || (!self.closed
+                && (any_match(&self.rules.admins, user)
+                    || self.rules.allowed_users.is_empty()
+                    || any_match(&self.rules.allowed_users, user)))
+    }
+
     pub fn allows(&self, msg: &Incoming) -> bool {
         if self.open {
             return true;

@@ -121,6 +121,17 @@ impl CoreError {
         }
     }
 
+    /// A short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CoreError::Memory(_) => "storage",
+            CoreError::Prompt(_) => "prompt",
+            CoreError::Worker(WorkerError::Busy { .. }) => "busy",
+            CoreError::Worker(WorkerError::Stopped) => "worker_stopped",
+            CoreError::Worker(_) => "worker",
+        }
+    }
+
     fn user_text(&self) -> &'static str {
         match self {
             CoreError::Worker(WorkerError::Busy { .. }) => text::BUSY,
@@ -130,6 +141,35 @@ impl CoreError {
         }
     }
 }
+
+/// One finished reply, for metrics.
+#[derive(Debug, Clone)]
+pub struct ReplyReport {
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose attention cache was reused (0: a cache miss).
+    pub reused_tokens: usize,
+    pub completion_tokens: usize,
+    pub time_to_first_token: Option<Duration>,
+    /// From submitting to the worker to the last token.
+    pub generation_time: Duration,
+    /// Old turns left out of the prompt to fit the context window.
+    pub trimmed_turns: usize,
+}
+
+/// What the core reports as it works (metrics). Every method does nothing by default.
+pub trait Observer: Send + Sync {
+    fn received(&self, _platform: &str) {}
+    /// A message not answered: `denied`, `duplicate`, `rate_limited`, `rejected`.
+    fn refused(&self, _platform: &str, _reason: &'static str) {}
+    fn command(&self, _platform: &str) {}
+    fn answered(&self, _platform: &str, _report: &ReplyReport) {}
+    /// A failure, by [`CoreError::kind`].
+    fn error(&self, _platform: &str, _kind: &'static str) {}
+}
+
+struct NoObserver;
+impl Observer for NoObserver {}
 
 /// Builds prompts for stored conversations with the model's tokenizer and window. Needs no
 /// model weights, so `synthia-bot prompt` can use it too.
@@ -260,7 +300,7 @@ impl CoreConfig {
         }
     }
 
-    fn access(&self, platform: &str) -> Access {
+    pub fn access(&self, platform: &str) -> Access {
         self.access
             .get(platform)
             .cloned()
@@ -304,6 +344,7 @@ pub struct Assistant {
     answering: std::sync::atomic::AtomicUsize,
     /// Set by `stop_all`: nothing new starts generating.
     closing: std::sync::atomic::AtomicBool,
+    observer: RwLock<Arc<dyn Observer>>,
 }
 
 /// Counts a question as being answered for as long as it lives.
@@ -340,7 +381,20 @@ impl Assistant {
             in_flight: Mutex::new(HashMap::new()),
             answering: std::sync::atomic::AtomicUsize::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
+            observer: RwLock::new(Arc::new(NoObserver)),
         }
+    }
+
+    /// Where the core reports what it does (metrics).
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) {
+        *self.observer.write().unwrap_or_else(|e| e.into_inner()) = observer;
+    }
+
+    fn observer(&self) -> Arc<dyn Observer> {
+        self.observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn store(&self) -> &Store {
@@ -420,7 +474,19 @@ impl Assistant {
             conversation = %msg.key,
             message_id = msg.message_id.as_deref().unwrap_or("-"),
         );
-        self.handle_inner(msg, sink).instrument(span).await
+        let platform = msg.key.platform.clone();
+        let observer = self.observer();
+        observer.received(&platform);
+        let outcome = self.handle_inner(msg, sink).instrument(span).await;
+        match &outcome {
+            Outcome::Denied => observer.refused(&platform, "denied"),
+            Outcome::Duplicate => observer.refused(&platform, "duplicate"),
+            Outcome::RateLimited { .. } => observer.refused(&platform, "rate_limited"),
+            Outcome::Rejected => observer.refused(&platform, "rejected"),
+            Outcome::Command => observer.command(&platform),
+            Outcome::Answered { .. } | Outcome::Failed => {}
+        }
+        outcome
     }
 
     async fn handle_inner(&self, msg: Incoming, sink: &dyn ReplySink) -> Outcome {
@@ -439,6 +505,7 @@ impl Assistant {
                 Ok(false) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "cannot check for duplicates");
+                    self.observer().error(&msg.key.platform, "storage");
                     sink.fail(text::STORAGE_FAILED).await;
                     return Outcome::Failed;
                 }
@@ -476,6 +543,7 @@ impl Assistant {
                 }
                 if let Err(e) = self.execute(&cmd, &msg, sink).await {
                     tracing::error!(error = %e, "command failed");
+                    self.observer().error(&msg.key.platform, e.kind());
                     sink.fail(e.user_text()).await;
                     return Outcome::Failed;
                 }
@@ -627,6 +695,7 @@ impl Assistant {
             Ok(None) => None,
             Err(e) => {
                 tracing::error!(error = %e, "cannot store the question");
+                self.observer().error(&msg.key.platform, e.kind());
                 sink.fail(e.user_text()).await;
                 return Outcome::Failed;
             }
@@ -640,6 +709,7 @@ impl Assistant {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, retryable = e.is_retryable(), "answering failed");
+                self.observer().error(&msg.key.platform, e.kind());
                 sink.fail(e.user_text()).await;
                 Outcome::Failed
             }
@@ -702,6 +772,7 @@ impl Assistant {
                 .map(|s| s.to_string())
                 .collect(),
         };
+        let submitted = std::time::Instant::now();
         let mut handle = self.worker.submit(request)?;
         let cancel = handle.cancel_token();
         self.track(&msg.key, msg.message_id.clone(), cancel.clone());
@@ -730,6 +801,21 @@ impl Assistant {
             FinishReason::Cancelled => Status::Cancelled,
             FinishReason::Error => Status::Failed,
         };
+        self.observer().answered(
+            &msg.key.platform,
+            &ReplyReport {
+                finish: result.finish,
+                prompt_tokens: result.prompt_tokens,
+                reused_tokens: result.reused_tokens,
+                completion_tokens: result.completion_tokens,
+                time_to_first_token: result.time_to_first_token,
+                generation_time: submitted.elapsed(),
+                trimmed_turns: prepared.built.trimmed_turns,
+            },
+        );
+        if result.finish == FinishReason::Error {
+            self.observer().error(&msg.key.platform, "generation");
+        }
         tracing::info!(
             finish = ?result.finish,
             prompt_tokens = result.prompt_tokens,

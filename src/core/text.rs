@@ -77,3 +77,6 @@ pub fn max_tokens_set(v: u32, effective: u32) -> String {
 pub fn bad_command(e: &CommandError) -> String {
     format!("I didn't understand that: {e}. Try `help`.")
 }
+
+/// Said (at most hourly per room) when an encrypted message could not be read.
+pub const UNDECRYPTABLE: &str = "I couldn't decrypt a message here, so I can't answer it. If you wrote to me, please verify my session or send it again.";

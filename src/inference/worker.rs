@@ -256,6 +256,11 @@ impl Worker {
         self.inner.tokenizer.clone()
     }
 
+    /// Requests waiting for their first token (for metrics).
+    pub fn queue_depth(&self) -> usize {
+        self.inner.shared.lock().waiting
+    }
+
     /// The context window requests must fit in.
     pub fn context_length(&self) -> usize {
         self.inner.context_length

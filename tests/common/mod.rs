@@ -1,6 +1,8 @@
 //! Helpers shared by the whole-flow tests: the real Llama-2 tokenizer and seeded random models.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;

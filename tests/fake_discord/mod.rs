@@ -248,6 +248,11 @@ impl FakeDiscord {
         self.shared.fail_edits.store(n, Ordering::SeqCst);
     }
 
+    /// When the client first called `path`.
+    pub fn first_call_at(&self, path: &str) -> Option<Instant> {
+        self.calls().iter().find(|c| c.path == path).map(|c| c.at)
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.shared.calls.lock().unwrap().clone()
     }
@@ -307,7 +312,28 @@ fn bot_message(s: &Shared, channel: &str, body: &Value, id: Option<String>) -> V
     m
 }
 
-async fn gateway_url(AxState(s): AxState<Arc<Shared>>) -> Response {
+/// The token the fake refuses, as Discord refuses a reset or mistyped one.
+pub const REFUSED_TOKEN: &str = "refused-token";
+
+fn refused(headers: &axum::http::HeaderMap) -> Option<Response> {
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    (auth == format!("Bot {REFUSED_TOKEN}")).then(|| {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            axum::Json(json!({ "message": "401: Unauthorized", "code": 0 })),
+        )
+            .into_response()
+    })
+}
+
+async fn gateway_url(AxState(s): AxState<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(r) = refused(&headers) {
+        record(&s, "GET", "/api/v10/gateway", Value::Null, 401);
+        return r;
+    }
     let addr = s.addr.lock().unwrap().expect("bound");
     record(&s, "GET", "/api/v10/gateway", Value::Null, 200);
     axum::Json(json!({ "url": format!("ws://{addr}/gw"), "shards": 1,
@@ -315,7 +341,14 @@ async fn gateway_url(AxState(s): AxState<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-async fn current_user(AxState(s): AxState<Arc<Shared>>) -> Response {
+async fn current_user(
+    AxState(s): AxState<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Some(r) = refused(&headers) {
+        record(&s, "GET", "/api/v10/users/@me", Value::Null, 401);
+        return r;
+    }
     record(&s, "GET", "/api/v10/users/@me", Value::Null, 200);
     axum::Json(user(BOT_ID, "synthia", true)).into_response()
 }

@@ -2,11 +2,9 @@
 //! Events become [`Incoming`]; replies stream into Discord by editing messages, at most one edit
 //! per second per message, split over the 2,000-character limit, with every mention disabled.
 
-pub mod split;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use serenity::all::{
@@ -16,12 +14,14 @@ use serenity::all::{
     GuildChannel, GuildId, HttpBuilder, Interaction, Message, MessageId, MessageType,
     MessageUpdateEvent, Ready, UserId,
 };
-use serenity::http::Http;
+use serenity::http::{Http, HttpError};
 
+use super::ConnectError;
+use super::split::DISCORD_LIMIT;
+use super::stream::{StreamedReply, Surface};
 use crate::config::DiscordSettings;
-use crate::core::{Assistant, Author, Incoming, ReplySink, text};
+use crate::core::{Assistant, Author, Incoming};
 use crate::memory::ConversationKey;
-use split::{DISCORD_LIMIT, split_message};
 
 /// Discord's own API; any other `api_base` is used as a proxy (tests, self-hosted proxies).
 const DISCORD_BASE: &str = "https://discord.com";
@@ -125,49 +125,25 @@ enum Target {
     },
 }
 
-struct Shown {
-    /// Messages of the reply so far and the text each shows.
-    messages: Vec<(MessageId, String)>,
-    last_edit: Option<Instant>,
-    finished: bool,
-    /// What is shown is only a queue notice, to be replaced.
-    placeholder: bool,
-}
-
-struct DiscordSink {
+/// Posting and editing the messages of one reply, in a channel or an interaction's response.
+struct DiscordSurface {
     http: Arc<Http>,
     target: Target,
-    interval: Duration,
-    /// Messages of the same interaction answered before this sink (a follow-up starts at 1).
+    /// Messages of the same interaction answered before this reply (a follow-up starts at 1).
     offset: usize,
-    shown: tokio::sync::Mutex<Shown>,
-    typing: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-impl DiscordSink {
-    fn new(http: Arc<Http>, target: Target, interval: Duration, offset: usize) -> Self {
-        Self {
-            http,
-            target,
-            interval,
-            offset,
-            shown: tokio::sync::Mutex::new(Shown {
-                messages: Vec::new(),
-                last_edit: None,
-                finished: false,
-                placeholder: false,
-            }),
-            typing: Mutex::new(None),
-        }
-    }
+#[async_trait::async_trait]
+impl Surface for DiscordSurface {
+    type Id = MessageId;
+    type Error = serenity::Error;
 
-    fn stop_typing(&self) {
-        if let Some(t) = self.typing.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            t.abort();
-        }
+    fn limit(&self) -> usize {
+        DISCORD_LIMIT
     }
 
     async fn post(&self, index: usize, content: &str) -> serenity::Result<MessageId> {
+        let index = index + self.offset;
         match &self.target {
             Target::Channel { channel, reply_to } => {
                 let msg = with_backoff("send message", || {
@@ -216,7 +192,8 @@ impl DiscordSink {
         }
     }
 
-    async fn edit(&self, index: usize, id: MessageId, content: &str) -> serenity::Result<()> {
+    async fn edit(&self, index: usize, id: &MessageId, content: &str) -> serenity::Result<()> {
+        let (index, id) = (index + self.offset, *id);
         match &self.target {
             Target::Channel { channel, .. } => {
                 with_backoff("edit message", || {
@@ -258,119 +235,34 @@ impl DiscordSink {
         Ok(())
     }
 
-    /// Makes Discord show `text`: edits the messages whose part changed, posts new ones for
-    /// parts beyond them. Paced to one edit round per interval.
-    async fn render(&self, text: &str, force: bool) {
-        let mut shown = self.shown.lock().await;
-        if shown.finished {
-            return;
+    /// Only channels show typing; Discord shows it for about 10 s and ends it with the message.
+    fn typing_interval(&self) -> Option<Duration> {
+        matches!(self.target, Target::Channel { .. }).then_some(Duration::from_secs(8))
+    }
+
+    async fn set_typing(&self, on: bool) {
+        if let (true, Target::Channel { channel, .. }) = (on, &self.target)
+            && let Err(e) = channel.broadcast_typing(&self.http).await
+        {
+            tracing::debug!(error = %e, "typing indicator failed");
         }
-        if let Some(last) = shown.last_edit {
-            let since = last.elapsed();
-            if since < self.interval {
-                if !force {
-                    return;
-                }
-                tokio::time::sleep(self.interval - since).await;
-            }
-        }
-        let parts = split_message(text, DISCORD_LIMIT);
-        for (i, part) in parts.iter().enumerate() {
-            let result = match shown.messages.get(i) {
-                Some((_, old)) if old == part => Ok(()),
-                Some((id, _)) => {
-                    let id = *id;
-                    self.edit(i + self.offset, id, part)
-                        .await
-                        .map(|_| shown.messages[i].1 = part.clone())
-                }
-                None => self
-                    .post(i + self.offset, part)
-                    .await
-                    .map(|id| shown.messages.push((id, part.clone()))),
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "cannot show the reply on Discord");
-                break;
-            }
-        }
-        shown.last_edit = Some(Instant::now());
     }
 }
 
-#[async_trait::async_trait]
-impl ReplySink for DiscordSink {
-    async fn typing(&self) {
-        if let Target::Channel { channel, .. } = &self.target {
-            let (http, channel) = (self.http.clone(), *channel);
-            // Discord shows typing for about 10 s; renew it until the reply is done.
-            let task = tokio::spawn(async move {
-                loop {
-                    if let Err(e) = channel.broadcast_typing(&http).await {
-                        tracing::debug!(error = %e, "typing indicator failed");
-                    }
-                    tokio::time::sleep(Duration::from_secs(8)).await;
-                }
-            });
-            if let Some(old) = self
-                .typing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .replace(task)
-            {
-                old.abort();
-            }
-        }
-    }
-
-    async fn queued(&self, position: usize) {
-        let placeholder = {
-            let shown = self.shown.lock().await;
-            shown.messages.is_empty() || shown.placeholder
-        };
-        if position > 1 && placeholder {
-            self.render(&text::queued(position), true).await;
-            self.shown.lock().await.placeholder = true;
-        }
-    }
-
-    async fn update(&self, text_so_far: &str) {
-        self.render(text_so_far, false).await;
-        self.shown.lock().await.placeholder = false;
-    }
-
-    async fn finish(&self, text: &str) {
-        self.render(if text.trim().is_empty() { "…" } else { text }, true)
-            .await;
-        self.shown.lock().await.finished = true;
-        self.stop_typing();
-    }
-
-    async fn fail(&self, message: &str) {
-        let (current, placeholder) = {
-            let shown = self.shown.lock().await;
-            let text: Vec<&str> = shown.messages.iter().map(|(_, t)| t.as_str()).collect();
-            (text.join(""), shown.placeholder)
-        };
-        let text = if current.is_empty() || placeholder {
-            message.to_string()
-        } else {
-            format!("{current}\n\n⚠️ {message}")
-        };
-        self.render(&text, true).await;
-        self.shown.lock().await.finished = true;
-        self.stop_typing();
-    }
-
-    async fn notice(&self, text: &str) {
-        self.finish(text).await;
-    }
-}
-
-impl Drop for DiscordSink {
-    fn drop(&mut self) {
-        self.stop_typing();
-    }
+fn discord_reply(
+    http: Arc<Http>,
+    target: Target,
+    interval: Duration,
+    offset: usize,
+) -> StreamedReply<DiscordSurface> {
+    StreamedReply::new(
+        DiscordSurface {
+            http,
+            target,
+            offset,
+        },
+        interval,
+    )
 }
 
 /// Serenity's event handler: turns events into calls on the core.
@@ -511,7 +403,7 @@ impl Handler {
             is_command,
             remember: true,
         };
-        let sink = DiscordSink::new(
+        let sink = discord_reply(
             ctx.http.clone(),
             Target::Channel {
                 channel: msg.channel_id,
@@ -603,7 +495,7 @@ impl Handler {
                 remember: !private,
             };
             // Later parts of one /settings call answer in follow-ups below the first.
-            let sink = DiscordSink::new(
+            let sink = discord_reply(
                 ctx.http.clone(),
                 Target::Interaction {
                     interaction: Box::new(cmd.clone()),
@@ -722,7 +614,7 @@ impl DiscordClient {
     pub async fn connect(
         settings: &DiscordSettings,
         assistant: Arc<Assistant>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ConnectError> {
         let base = settings.api_base.trim_end_matches('/');
         let base = base.strip_suffix("/api/v10").unwrap_or(base);
         let mut builder = HttpBuilder::new(&settings.token).default_allowed_mentions(no_mentions());
@@ -731,20 +623,28 @@ impl DiscordClient {
             builder = builder.proxy(base).ratelimiter_disabled(true);
         }
         let http = builder.build();
-        let gateway = http.get_gateway().await.with_context(|| {
-            format!(
-                "cannot reach the Discord API at {base} (check discord.api_base and the network)"
-            )
+        let gateway = http.get_gateway().await.map_err(|e| match &e {
+            serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) if r.status_code.as_u16() == 401 => {
+                ConnectError::fatal(
+                    "Discord refused the bot token: check SYNTHIA_BOT__DISCORD__TOKEN (Developer Portal, Bot, Reset Token)",
+                )
+            }
+            _ => ConnectError::retryable(format!(
+                "cannot reach the Discord API at {base}: {e}. Check discord.api_base and the network"
+            )),
         })?;
         if base != DISCORD_BASE && !is_loopback_or_same_host(&gateway.url, base) {
-            anyhow::bail!(
+            return Err(ConnectError::fatal(format!(
                 "the API at {base} sent a gateway on another host ({}); refusing to connect",
                 gateway.url
-            );
+            )));
         }
-        http.get_current_user()
-            .await
-            .context("Discord refused the bot token (check SYNTHIA_BOT__DISCORD__TOKEN)")?;
+        http.get_current_user().await.map_err(|e| match &e {
+            serenity::Error::Http(HttpError::UnsuccessfulRequest(_)) => ConnectError::fatal(
+                "Discord refused the bot token: check SYNTHIA_BOT__DISCORD__TOKEN (Developer Portal, Bot, Reset Token)",
+            ),
+            _ => ConnectError::retryable(format!("cannot reach the Discord API at {base}: {e}")),
+        })?;
         let intents = GatewayIntents::GUILDS
             | GatewayIntents::GUILD_MESSAGES
             | GatewayIntents::DIRECT_MESSAGES
@@ -758,16 +658,24 @@ impl DiscordClient {
         let client = serenity::client::ClientBuilder::new_with_http(http, intents)
             .event_handler(handler)
             .await
-            .context("cannot create the Discord client")?;
+            .map_err(|e| ConnectError::fatal(format!("cannot create the Discord client: {e}")))?;
         Ok(Self { client })
     }
 
-    /// Runs until the gateway connection ends (serenity reconnects and resumes on its own).
-    pub async fn run(mut self) -> anyhow::Result<()> {
-        self.client
-            .start()
-            .await
-            .context("Discord gateway connection failed")
+    /// Runs until the gateway connection ends for good (serenity reconnects and resumes on its
+    /// own) or `stop` turns true, which closes the gateway cleanly.
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+        let shards = self.client.shard_manager.clone();
+        let run = self.client.start();
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => r.context("Discord gateway connection failed"),
+            _ = super::until_stopped(&mut stop) => {
+                shards.shutdown_all().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+                Ok(())
+            }
+        }
     }
 
     /// A handle to close the connection cleanly from elsewhere.

@@ -1,4 +1,4 @@
-//! Splitting a long reply into messages that fit Discord's limit: at paragraph or line
+//! Splitting a long reply into messages that fit a platform's limit: at paragraph or line
 //! boundaries, never inside a code block (a fence that must be split is closed and reopened with
 //! its language tag), never inside a character.
 

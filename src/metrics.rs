@@ -1,0 +1,314 @@
+//! Prometheus metrics (`prometheus-client`), served on a loopback address at `/metrics`.
+//! The core reports through [`crate::core::Observer`]; adapters report their connections.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::core::{Observer, ReplyReport};
+use crate::inference::FinishReason;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn seconds_histogram() -> Histogram {
+    // 25 ms to about 100 s.
+    Histogram::new(exponential_buckets(0.025, 2.0, 13))
+}
+
+type QueueSource = Box<dyn Fn() -> i64 + Send + Sync>;
+
+pub struct Metrics {
+    registry: Registry,
+    received: Family<Labels, Counter>,
+    answered: Family<Labels, Counter>,
+    refused: Family<Labels, Counter>,
+    commands: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    tokens_generated: Family<Labels, Counter>,
+    prompt_tokens: Family<Labels, Counter>,
+    turns_trimmed: Family<Labels, Counter>,
+    cache_hits: Family<Labels, Counter>,
+    cache_misses: Family<Labels, Counter>,
+    time_to_first_token: Family<Labels, Histogram>,
+    generation_time: Family<Labels, Histogram>,
+    queue_depth: Gauge,
+    connected: Family<Labels, Gauge>,
+    queue_source: Mutex<Option<QueueSource>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("synthia");
+        let m = Self {
+            received: Family::default(),
+            answered: Family::default(),
+            refused: Family::default(),
+            commands: Family::default(),
+            errors: Family::default(),
+            tokens_generated: Family::default(),
+            prompt_tokens: Family::default(),
+            turns_trimmed: Family::default(),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            time_to_first_token: Family::new_with_constructor(seconds_histogram),
+            generation_time: Family::new_with_constructor(seconds_histogram),
+            queue_depth: Gauge::default(),
+            connected: Family::default(),
+            queue_source: Mutex::new(None),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages_received",
+            "Messages addressed to the bot",
+            m.received.clone(),
+        );
+        registry.register(
+            "messages_answered",
+            "Replies generated, by how they ended",
+            m.answered.clone(),
+        );
+        registry.register(
+            "messages_refused",
+            "Messages not answered, by reason",
+            m.refused.clone(),
+        );
+        registry.register("commands", "Commands executed", m.commands.clone());
+        registry.register("errors", "Failures, by kind", m.errors.clone());
+        registry.register(
+            "tokens_generated",
+            "Tokens generated in replies",
+            m.tokens_generated.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Tokens in prompts sent to the model",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "turns_trimmed",
+            "Old turns left out of prompts to fit the context window",
+            m.turns_trimmed.clone(),
+        );
+        registry.register(
+            "kv_cache_hits",
+            "Replies that reused a cached prompt prefix",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "kv_cache_misses",
+            "Replies computed from the first prompt token",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From submitting a prompt to its first token, queue included",
+            m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "generation_seconds",
+            "From submitting a prompt to the reply's last token",
+            m.generation_time.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for the inference worker",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "platform_connected",
+            "1 while a chat platform is connected",
+            m.connected.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Where the queue depth is read at each scrape.
+    pub fn set_queue_source(&self, source: impl Fn() -> i64 + Send + Sync + 'static) {
+        *self.queue_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
+    }
+
+    pub fn set_connected(&self, platform: &str, up: bool) {
+        self.connected
+            .get_or_create(&labels(&[("platform", platform)]))
+            .set(i64::from(up));
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        if let Some(source) = &*self.queue_source.lock().unwrap_or_else(|e| e.into_inner()) {
+            self.queue_depth.set(source());
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Observer for Metrics {
+    fn received(&self, platform: &str) {
+        self.received
+            .get_or_create(&labels(&[("platform", platform)]))
+            .inc();
+    }
+
+    fn refused(&self, platform: &str, reason: &'static str) {
+        self.refused
+            .get_or_create(&labels(&[("platform", platform), ("reason", reason)]))
+            .inc();
+    }
+
+    fn command(&self, platform: &str) {
+        self.commands
+            .get_or_create(&labels(&[("platform", platform)]))
+            .inc();
+    }
+
+    fn answered(&self, platform: &str, r: &ReplyReport) {
+        let finish = match r.finish {
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
+        };
+        let p = labels(&[("platform", platform)]);
+        self.answered
+            .get_or_create(&labels(&[("platform", platform), ("finish", finish)]))
+            .inc();
+        self.tokens_generated
+            .get_or_create(&p)
+            .inc_by(r.completion_tokens as u64);
+        self.prompt_tokens
+            .get_or_create(&p)
+            .inc_by(r.prompt_tokens as u64);
+        self.turns_trimmed
+            .get_or_create(&p)
+            .inc_by(r.trimmed_turns as u64);
+        if r.reused_tokens > 0 {
+            self.cache_hits.get_or_create(&p).inc();
+        } else {
+            self.cache_misses.get_or_create(&p).inc();
+        }
+        if let Some(t) = r.time_to_first_token {
+            self.time_to_first_token
+                .get_or_create(&p)
+                .observe(t.as_secs_f64());
+        }
+        self.generation_time
+            .get_or_create(&p)
+            .observe(r.generation_time.as_secs_f64());
+    }
+
+    fn error(&self, platform: &str, kind: &'static str) {
+        self.errors
+            .get_or_create(&labels(&[("platform", platform), ("kind", kind)]))
+            .inc();
+    }
+}
+
+impl Metrics {
+    /// A failure outside the core (a platform's connection).
+    pub fn adapter_error(&self, platform: &str, kind: &'static str) {
+        Observer::error(self, platform, kind);
+    }
+}
+
+/// Serves `GET /metrics` on `listen` (validated as loopback by the configuration).
+pub async fn serve(
+    listen: &str,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("metrics.listen: not an address: {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics.listen: cannot listen on {addr}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    tracing::info!(%addr, "metrics at /metrics");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn renders_what_was_observed() {
+        let m = Metrics::new();
+        m.set_queue_source(|| 3);
+        m.received("matrix");
+        m.refused("discord", "denied");
+        m.answered(
+            "matrix",
+            &ReplyReport {
+                finish: FinishReason::Eos,
+                prompt_tokens: 40,
+                reused_tokens: 0,
+                completion_tokens: 7,
+                time_to_first_token: Some(Duration::from_millis(120)),
+                generation_time: Duration::from_millis(900),
+                trimmed_turns: 2,
+            },
+        );
+        m.set_connected("discord", true);
+        let text = m.render();
+        for line in [
+            "synthia_messages_received_total{platform=\"matrix\"} 1",
+            "synthia_messages_refused_total{platform=\"discord\",reason=\"denied\"} 1",
+            "synthia_messages_answered_total{platform=\"matrix\",finish=\"eos\"} 1",
+            "synthia_tokens_generated_total{platform=\"matrix\"} 7",
+            "synthia_prompt_tokens_total{platform=\"matrix\"} 40",
+            "synthia_turns_trimmed_total{platform=\"matrix\"} 2",
+            "synthia_kv_cache_misses_total{platform=\"matrix\"} 1",
+            "synthia_time_to_first_token_seconds_count{platform=\"matrix\"} 1",
+            "synthia_generation_seconds_sum{platform=\"matrix\"} 0.9",
+            "synthia_queue_depth 3",
+            "synthia_platform_connected{platform=\"discord\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
