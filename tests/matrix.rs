@@ -360,7 +360,40 @@ async fn answers_in_an_encrypted_room() {
         question.content, "tell me a secret",
         "the bot read the decrypted text"
     );
-    bot.stop().await;
+
+    // Messages sent before the bot was invited were never shared with its device: it says
+    // once that it cannot read them, instead of staying silent.
+    let early = alice.create_room(&[], true, false).await;
+    let early_id = early.room_id().to_owned();
+    alice.send(&early, "written before you came", None).await;
+    alice.send(&early, "and another one", None).await;
+    early.invite_user_by_id(&me).await.unwrap();
+    alice.wait_joined(&early_id, &me, WAIT).await;
+    eventually(
+        "a notice about the undecryptable messages",
+        WAIT,
+        || async {
+            alice
+                .replies_from(&early_id, &me)
+                .iter()
+                .any(|r| r.is_notice && r.first_body == text::UNDECRYPTABLE)
+                .then_some(())
+        },
+    )
+    .await;
+    let q = alice
+        .send(&early, "can you read this one?", Some(&me))
+        .await;
+    let stored = stored_reply(&store, &room_key(&early_id, ""), &q).await;
+    shown_reply(&alice, &early_id, &me, &q, &stored).await;
+    let notices = alice
+        .replies_from(&early_id, &me)
+        .iter()
+        .filter(|r| r.first_body == text::UNDECRYPTABLE)
+        .count();
+    assert_eq!(notices, 1, "at most one such notice per room and hour");
+    let log = bot.stop().await;
+    assert!(log.contains("cannot decrypt a message"), "{log}");
 }
 
 /// Invites and messages from users outside the allow-list are ignored; a DM needs no mention.
@@ -398,6 +431,11 @@ async fn ignores_users_it_is_not_for_and_answers_dms() {
     let q = alice.send(&dm, "no mention here", None).await;
     let stored = stored_reply(&store, &room_key(&dm_id, ""), &q).await;
     shown_reply(&alice, &dm_id, &me, &q, &stored).await;
+
+    // Once nobody it is there for remains, the bot leaves.
+    dm.leave().await.unwrap();
+    bot.wait_log("leaving a room with nobody allowed left", WAIT)
+        .await;
 
     // Mallory's room never got the bot.
     let membership = mallory
