@@ -181,7 +181,11 @@ async fn serves_discord_and_matrix_at_once() {
     .unwrap();
     let discord_key = ConversationKey::new("discord", &GUILD.to_string(), &CHANNEL.to_string(), "");
     let (_, status) = wait_stored(&store, &discord_key, "8101").await;
-    assert!(matches!(status, Status::Complete), "{status:?}");
+    assert!(
+        matches!(status, Status::Complete),
+        "{status:?}\n{}",
+        daemon.log()
+    );
 
     // Matrix.
     let room = alice.create_room(&[&bot_user], false, false).await;
@@ -192,7 +196,11 @@ async fn serves_discord_and_matrix_at_once() {
         .await;
     let matrix_key = ConversationKey::new("matrix", "", room_id.as_str(), "");
     let (_, status) = wait_stored(&store, &matrix_key, q.as_str()).await;
-    assert!(matches!(status, Status::Complete), "{status:?}");
+    assert!(
+        matches!(status, Status::Complete),
+        "{status:?}\n{}",
+        daemon.log()
+    );
 
     // Metrics show both platforms.
     let text = scrape(metrics_port).await;

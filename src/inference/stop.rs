@@ -3,28 +3,45 @@
 
 /// Turns generated ids into text pieces that never split a character (byte-fallback tokens
 /// of one character arrive together), keeping leading spaces that per-token decoding loses.
+///
+/// Each step decodes a few already-shown tokens plus the new ones and shows what the new ones
+/// add. Bytes that never complete a character (a model may emit any byte token) are shown as
+/// U+FFFD once four of them are pending, so they can neither stall nor break the stream.
 #[derive(Debug, Clone, Default)]
 pub struct TextStream {
-    ids: Vec<u32>,
-    prefix: String,
-    prefix_index: usize,
+    /// Recently shown tokens, decoded with the new ones for spacing.
+    context: Vec<u32>,
+    pending: Vec<u32>,
 }
 
 impl TextStream {
+    /// Shown tokens kept as context.
+    const CONTEXT: usize = 6;
+    /// The longest UTF-8 character, in byte tokens.
+    const MAX_PENDING: usize = 4;
+
     pub fn step(
         &mut self,
         tok: &crate::prompt::TextTokenizer,
         id: u32,
     ) -> Result<Option<String>, String> {
-        tokenizers::step_decode_stream(
-            tok.inner(),
-            vec![id],
-            true,
-            &mut self.ids,
-            &mut self.prefix,
-            &mut self.prefix_index,
-        )
-        .map_err(|e| e.to_string())
+        self.pending.push(id);
+        let decode = |ids: &[u32]| tok.decode(ids).map_err(|e| e.to_string());
+        let before = decode(&self.context)?;
+        let all: Vec<u32> = self.context.iter().chain(&self.pending).copied().collect();
+        let text = decode(&all)?;
+        if text.ends_with('\u{FFFD}') && self.pending.len() < Self::MAX_PENDING {
+            return Ok(None);
+        }
+        let new = match text.strip_prefix(before.as_str()) {
+            Some(rest) => rest.to_string(),
+            // Broken bytes at the window's start decode differently with more after them.
+            None => decode(&self.pending)?,
+        };
+        self.context.append(&mut self.pending);
+        let keep_from = self.context.len().saturating_sub(Self::CONTEXT);
+        self.context.drain(..keep_from);
+        Ok((!new.is_empty()).then_some(new))
     }
 }
 
@@ -130,6 +147,44 @@ impl StopScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tokenizer() -> crate::prompt::TextTokenizer {
+        crate::prompt::TextTokenizer::from_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/llama2-tokenizer/tokenizer.json"),
+        )
+        .unwrap()
+    }
+
+    fn stream_all(tok: &crate::prompt::TextTokenizer, ids: &[u32]) -> String {
+        let mut s = TextStream::default();
+        ids.iter()
+            .filter_map(|&id| s.step(tok, id).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn text_stream_equals_whole_decode_and_survives_broken_bytes() {
+        let tok = tokenizer();
+        // Spaces, newlines and a multi-byte character split over byte tokens.
+        let text = "Hello there,\n  the café costs 5€ — naïve 😀 ok";
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(stream_all(&tok, &ids), tok.decode(&ids).unwrap());
+        // Byte tokens (<0x00> is id 3) that never form a character, between words, as a random
+        // model emits them: never an error, and the words all come through.
+        let byte = |b: u32| 3 + b;
+        let words = tok.encode("rons site", false).unwrap();
+        // A valid byte ("W") then bytes that break it: decoded together, all three become U+FFFD,
+        // which once made the stream fail on "W" no longer being a prefix.
+        let mut ids = vec![byte(0x57), byte(0xE2), byte(0x82)];
+        ids.extend(&words);
+        ids.extend([byte(0x41), byte(0xF0), byte(0x9F), byte(0x98)]);
+        ids.extend(&words);
+        ids.push(byte(0x80));
+        let shown = stream_all(&tok, &ids);
+        assert_eq!(shown.matches("rons").count(), 2, "{shown:?}");
+        assert_eq!(shown.matches("site").count(), 2, "{shown:?}");
+    }
 
     fn stops() -> Vec<String> {
         crate::prompt::ROLE_STOPS

@@ -70,9 +70,17 @@ impl Daemon {
     pub async fn stop(mut self) -> String {
         self.sigterm();
         let status = self.wait_exit(Duration::from_secs(30)).await;
-        let log = self.log();
-        assert!(status.success(), "exit {status:?}:\n{log}");
-        log
+        assert!(status.success(), "exit {status:?}");
+        self.log()
+    }
+}
+
+impl Drop for Daemon {
+    /// A failing test shows what the daemon said.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log of the daemon ----\n{}", self.log());
+        }
     }
 }
 
