@@ -623,28 +623,19 @@ impl DiscordClient {
             builder = builder.proxy(base).ratelimiter_disabled(true);
         }
         let http = builder.build();
-        let gateway = http.get_gateway().await.map_err(|e| match &e {
-            serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) if r.status_code.as_u16() == 401 => {
-                ConnectError::fatal(
-                    "Discord refused the bot token: check SYNTHIA_BOT__DISCORD__TOKEN (Developer Portal, Bot, Reset Token)",
-                )
-            }
-            _ => ConnectError::retryable(format!(
-                "cannot reach the Discord API at {base}: {e}. Check discord.api_base and the network"
-            )),
-        })?;
+        let gateway = http
+            .get_gateway()
+            .await
+            .map_err(|e| connect_error(&e, base))?;
         if base != DISCORD_BASE && !is_loopback_or_same_host(&gateway.url, base) {
             return Err(ConnectError::fatal(format!(
                 "the API at {base} sent a gateway on another host ({}); refusing to connect",
                 gateway.url
             )));
         }
-        http.get_current_user().await.map_err(|e| match &e {
-            serenity::Error::Http(HttpError::UnsuccessfulRequest(_)) => ConnectError::fatal(
-                "Discord refused the bot token: check SYNTHIA_BOT__DISCORD__TOKEN (Developer Portal, Bot, Reset Token)",
-            ),
-            _ => ConnectError::retryable(format!("cannot reach the Discord API at {base}: {e}")),
-        })?;
+        http.get_current_user()
+            .await
+            .map_err(|e| connect_error(&e, base))?;
         let intents = GatewayIntents::GUILDS
             | GatewayIntents::GUILD_MESSAGES
             | GatewayIntents::DIRECT_MESSAGES
@@ -681,6 +672,22 @@ impl DiscordClient {
     /// A handle to close the connection cleanly from elsewhere.
     pub fn shard_manager(&self) -> Arc<serenity::gateway::ShardManager> {
         self.client.shard_manager.clone()
+    }
+}
+
+/// A refused token (401/403) only the operator can fix; anything else may pass with time.
+fn connect_error(e: &serenity::Error, base: &str) -> ConnectError {
+    match e {
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r))
+            if matches!(r.status_code.as_u16(), 401 | 403) =>
+        {
+            ConnectError::fatal(
+                "Discord refused the bot token: check SYNTHIA_BOT__DISCORD__TOKEN (Developer Portal, Bot, Reset Token)",
+            )
+        }
+        _ => ConnectError::retryable(format!(
+            "cannot reach the Discord API at {base}: {e}. Check discord.api_base and the network"
+        )),
     }
 }
 
