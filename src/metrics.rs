@@ -58,8 +58,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("synthia");
-        let m = Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("synthia"),
             received: Family::default(),
             answered: Family::default(),
             refused: Family::default(),
@@ -75,71 +75,78 @@ impl Metrics {
             queue_depth: Gauge::default(),
             connected: Family::default(),
             queue_source: Mutex::new(None),
-            registry: Registry::default(),
         };
-        registry.register(
-            "messages_received",
-            "Messages addressed to the bot",
-            m.received.clone(),
-        );
-        registry.register(
-            "messages_answered",
-            "Replies generated, by how they ended",
-            m.answered.clone(),
-        );
-        registry.register(
-            "messages_refused",
-            "Messages not answered, by reason",
-            m.refused.clone(),
-        );
-        registry.register("commands", "Commands executed", m.commands.clone());
-        registry.register("errors", "Failures, by kind", m.errors.clone());
-        registry.register(
-            "tokens_generated",
-            "Tokens generated in replies",
-            m.tokens_generated.clone(),
-        );
-        registry.register(
-            "prompt_tokens",
-            "Tokens in prompts sent to the model",
-            m.prompt_tokens.clone(),
-        );
-        registry.register(
-            "turns_trimmed",
-            "Old turns left out of prompts to fit the context window",
-            m.turns_trimmed.clone(),
-        );
-        registry.register(
-            "kv_cache_hits",
-            "Replies that reused a cached prompt prefix",
-            m.cache_hits.clone(),
-        );
-        registry.register(
-            "kv_cache_misses",
-            "Replies computed from the first prompt token",
-            m.cache_misses.clone(),
-        );
-        registry.register(
-            "time_to_first_token_seconds",
-            "From submitting a prompt to its first token, queue included",
-            m.time_to_first_token.clone(),
-        );
-        registry.register(
-            "generation_seconds",
-            "From submitting a prompt to the reply's last token",
-            m.generation_time.clone(),
-        );
-        registry.register(
+        for (name, help, family) in [
+            (
+                "messages_received",
+                "Messages addressed to the bot",
+                &m.received,
+            ),
+            (
+                "messages_answered",
+                "Replies generated, by how they ended",
+                &m.answered,
+            ),
+            (
+                "messages_refused",
+                "Messages not answered, by reason",
+                &m.refused,
+            ),
+            ("commands", "Commands executed", &m.commands),
+            ("errors", "Failures, by kind", &m.errors),
+            (
+                "tokens_generated",
+                "Tokens generated in replies",
+                &m.tokens_generated,
+            ),
+            (
+                "prompt_tokens",
+                "Tokens in prompts sent to the model",
+                &m.prompt_tokens,
+            ),
+            (
+                "turns_trimmed",
+                "Old turns left out of prompts to fit the context window",
+                &m.turns_trimmed,
+            ),
+            (
+                "kv_cache_hits",
+                "Replies that reused a cached prompt prefix",
+                &m.cache_hits,
+            ),
+            (
+                "kv_cache_misses",
+                "Replies computed from the first prompt token",
+                &m.cache_misses,
+            ),
+        ] {
+            m.registry.register(name, help, family.clone());
+        }
+        for (name, help, family) in [
+            (
+                "time_to_first_token_seconds",
+                "From submitting a prompt to its first token, queue included",
+                &m.time_to_first_token,
+            ),
+            (
+                "generation_seconds",
+                "From submitting a prompt to the reply's last token",
+                &m.generation_time,
+            ),
+        ] {
+            m.registry.register(name, help, family.clone());
+        }
+        m.registry.register(
             "queue_depth",
             "Requests waiting for the inference worker",
             m.queue_depth.clone(),
         );
-        registry.register(
+        m.registry.register(
             "platform_connected",
             "1 while a chat platform is connected",
             m.connected.clone(),
         );
-        Self { registry, ..m }
+        m
     }
 
     /// Where the queue depth is read at each scrape.

@@ -109,11 +109,26 @@ fn save_session(path: &Path, saved: &SavedSession) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn http_reason(e: &matrix_sdk::HttpError) -> (bool, String) {
-    // A server that answered with a Matrix error is reachable; anything else is not.
+/// A Matrix error answer means the server is up and said no (`refused`); anything else means it
+/// could not be reached.
+fn http_error(
+    e: &matrix_sdk::HttpError,
+    homeserver: &str,
+    refused: impl FnOnce(String) -> MatrixError,
+) -> MatrixError {
     match e.as_client_api_error() {
-        Some(api) => (true, api.to_string()),
-        None => (false, e.to_string()),
+        Some(api) => refused(api.to_string()),
+        None => MatrixError::Unreachable {
+            homeserver: homeserver.to_string(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn login_refused(settings: &MatrixSettings) -> impl FnOnce(String) -> MatrixError + '_ {
+    |reason| MatrixError::LoginRefused {
+        user: settings.user_id.clone(),
+        reason,
     }
 }
 
@@ -566,15 +581,12 @@ impl MatrixClient {
                     .await
                     .map_err(|e| store_error(&e))?;
                 if let Err(e) = client.whoami().await {
-                    let (answered, reason) = http_reason(&e);
-                    return Err(if answered {
+                    return Err(http_error(&e, &settings.homeserver, |reason| {
                         MatrixError::SessionRefused {
                             path: store_str,
                             reason,
                         }
-                    } else {
-                        unreachable(reason)
-                    });
+                    }));
                 }
                 tracing::info!(user = %settings.user_id, "Matrix session restored");
             }
@@ -588,15 +600,7 @@ impl MatrixClient {
                 if let Err(e) = response {
                     return Err(match e {
                         matrix_sdk::Error::Http(h) => {
-                            let (answered, reason) = http_reason(&h);
-                            if answered {
-                                MatrixError::LoginRefused {
-                                    user: settings.user_id.clone(),
-                                    reason,
-                                }
-                            } else {
-                                unreachable(reason)
-                            }
+                            http_error(&h, &settings.homeserver, login_refused(settings))
                         }
                         other => store_error(&other),
                     });
@@ -604,8 +608,7 @@ impl MatrixClient {
                 tracing::info!(user = %settings.user_id, "logged in to Matrix as a new device");
             }
             None if !settings.access_token.is_empty() => {
-                let meta =
-                    token_owner(&settings.homeserver, &settings.access_token, settings).await?;
+                let meta = token_owner(settings).await?;
                 client
                     .matrix_auth()
                     .restore_session(
@@ -680,7 +683,7 @@ impl MatrixClient {
             .sync_once(SyncSettings::default().timeout(Duration::ZERO))
             .await
             .map_err(|e| match e {
-                matrix_sdk::Error::Http(h) => unreachable(http_reason(&h).1),
+                matrix_sdk::Error::Http(h) => unreachable(h.to_string()),
                 other => store_error(&other),
             })?;
         let s = shared.clone();
@@ -708,10 +711,6 @@ impl MatrixClient {
             client,
             next_batch: first.next_batch,
         })
-    }
-
-    pub fn client(&self) -> &Client {
-        &self.client
     }
 
     /// Syncs until `stop` turns true; the sync in flight is dropped, the token of the last
@@ -753,70 +752,48 @@ impl MatrixClient {
 }
 
 /// Asks the server whose access token this is, for the device id a session needs.
-async fn token_owner(
-    homeserver: &str,
-    token: &str,
-    settings: &MatrixSettings,
-) -> Result<SessionMeta, MatrixError> {
+async fn token_owner(settings: &MatrixSettings) -> Result<SessionMeta, MatrixError> {
     let probe = Client::builder()
-        .homeserver_url(homeserver)
+        .homeserver_url(&settings.homeserver)
         .build()
         .await
         .map_err(|e| MatrixError::Unreachable {
-            homeserver: homeserver.to_string(),
+            homeserver: settings.homeserver.clone(),
             reason: e.to_string(),
         })?;
-    let placeholder = SessionMeta {
-        user_id: OwnedUserId::try_from(settings.user_id.as_str()).map_err(|e| {
-            MatrixError::LoginRefused {
-                user: settings.user_id.clone(),
-                reason: e.to_string(),
-            }
-        })?,
-        device_id: "UNKNOWN".into(),
-    };
+    let user_id = OwnedUserId::try_from(settings.user_id.as_str())
+        .map_err(|e| login_refused(settings)(e.to_string()))?;
     probe
         .matrix_auth()
         .restore_session(
             MatrixSession {
-                meta: placeholder,
+                meta: SessionMeta {
+                    user_id,
+                    device_id: "UNKNOWN".into(),
+                },
                 tokens: SessionTokens {
-                    access_token: token.to_string(),
+                    access_token: settings.access_token.clone(),
                     refresh_token: None,
                 },
             },
             RoomLoadSettings::default(),
         )
         .await
-        .map_err(|e| MatrixError::LoginRefused {
-            user: settings.user_id.clone(),
-            reason: e.to_string(),
-        })?;
-    let who = probe.whoami().await.map_err(|e| {
-        let (answered, reason) = http_reason(&e);
-        if answered {
-            MatrixError::LoginRefused {
-                user: settings.user_id.clone(),
-                reason,
-            }
-        } else {
-            MatrixError::Unreachable {
-                homeserver: homeserver.to_string(),
-                reason,
-            }
-        }
-    })?;
+        .map_err(|e| login_refused(settings)(e.to_string()))?;
+    let who = probe
+        .whoami()
+        .await
+        .map_err(|e| http_error(&e, &settings.homeserver, login_refused(settings)))?;
     let Some(device_id) = who.device_id else {
-        return Err(MatrixError::LoginRefused {
-            user: settings.user_id.clone(),
-            reason: "the access token belongs to no device".into(),
-        });
+        return Err(login_refused(settings)(
+            "the access token belongs to no device".into(),
+        ));
     };
     if who.user_id.as_str() != settings.user_id {
-        return Err(MatrixError::LoginRefused {
-            user: settings.user_id.clone(),
-            reason: format!("the access token belongs to {}", who.user_id),
-        });
+        return Err(login_refused(settings)(format!(
+            "the access token belongs to {}",
+            who.user_id
+        )));
     }
     Ok(SessionMeta {
         user_id: who.user_id,

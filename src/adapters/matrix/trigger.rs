@@ -109,7 +109,7 @@ pub fn strip_mention(body: &str, bot_id: &str, bot_name: &str) -> String {
         let Some(head) = trimmed.get(..name.len()) else {
             continue;
         };
-        if !head.eq_ignore_ascii_case(name) && head.to_lowercase() != name.to_lowercase() {
+        if head.to_lowercase() != name.to_lowercase() {
             continue;
         }
         let rest = &trimmed[name.len()..];
