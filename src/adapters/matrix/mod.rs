@@ -132,24 +132,30 @@ fn login_refused(settings: &MatrixSettings) -> impl FnOnce(String) -> MatrixErro
     }
 }
 
-/// Ids of events the bot sent recently, so a reply to one of them is known without a request.
+/// Who sent recent events (the bot or not), so replies and thread roots are checked without
+/// a request each time; senders never change, so entries never go stale, only old.
 #[derive(Default)]
-struct Recent {
+struct Senders {
+    by_bot: HashMap<OwnedEventId, bool>,
     order: VecDeque<OwnedEventId>,
 }
 
-impl Recent {
-    const KEEP: usize = 2048;
+impl Senders {
+    const KEEP: usize = 4096;
 
-    fn insert(&mut self, id: OwnedEventId) {
-        if self.order.len() == Self::KEEP {
-            self.order.pop_front();
+    fn insert(&mut self, id: OwnedEventId, by_bot: bool) {
+        if self.by_bot.insert(id.clone(), by_bot).is_none() {
+            self.order.push_back(id);
+            if self.order.len() > Self::KEEP
+                && let Some(old) = self.order.pop_front()
+            {
+                self.by_bot.remove(&old);
+            }
         }
-        self.order.push_back(id);
     }
 
-    fn contains(&self, id: &matrix_sdk::ruma::EventId) -> bool {
-        self.order.iter().any(|e| e == id)
+    fn get(&self, id: &matrix_sdk::ruma::EventId) -> Option<bool> {
+        self.by_bot.get(id).copied()
     }
 }
 
@@ -161,7 +167,9 @@ struct Shared {
     display_name: String,
     /// Events from before this moment are backlog.
     started: MilliSecondsSinceUnixEpoch,
-    sent: Mutex<Recent>,
+    senders: Mutex<Senders>,
+    /// Whether each room is a DM, until its membership changes.
+    direct: Mutex<HashMap<OwnedRoomId, bool>>,
     /// When each room was last told that a message could not be decrypted.
     undecryptable: Mutex<HashMap<OwnedRoomId, Instant>>,
 }
@@ -175,32 +183,34 @@ impl Shared {
         self.assistant.config().access(PLATFORM)
     }
 
-    fn remember_sent(&self, id: OwnedEventId) {
-        self.sent
+    fn remember_sender(&self, id: OwnedEventId, by_bot: bool) {
+        self.senders
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id);
+            .insert(id, by_bot);
     }
 
-    fn sent_by_bot(&self, id: &matrix_sdk::ruma::EventId) -> bool {
-        self.sent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(id)
-    }
-
-    /// Whether an event in the room was sent by the bot: recent sends first, else the server.
+    /// Whether an event in the room was sent by the bot: known senders first, else the server.
     async fn is_bots_event(&self, room: &Room, id: &matrix_sdk::ruma::EventId) -> bool {
-        if self.sent_by_bot(id) {
-            return true;
+        let known = self
+            .senders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id);
+        if let Some(by_bot) = known {
+            return by_bot;
         }
         match room.event(id, None).await {
-            Ok(ev) => ev
-                .raw()
-                .get_field::<OwnedUserId>("sender")
-                .ok()
-                .flatten()
-                .is_some_and(|s| s == self.user_id),
+            Ok(ev) => {
+                let by_bot = ev
+                    .raw()
+                    .get_field::<OwnedUserId>("sender")
+                    .ok()
+                    .flatten()
+                    .is_some_and(|s| s == self.user_id);
+                self.remember_sender(id.to_owned(), by_bot);
+                by_bot
+            }
             Err(e) => {
                 tracing::debug!(error = %e, event = %id, "cannot fetch the replied-to event");
                 false
@@ -209,17 +219,31 @@ impl Shared {
     }
 
     /// A room marked direct, or one with nobody but the bot and one other (joined or invited).
+    /// Remembered per room until a membership changes, so busy rooms don't list their members
+    /// for every message.
     async fn is_direct(&self, room: &Room) -> bool {
-        if room.is_direct().await.unwrap_or(false) {
-            return true;
+        let known = self
+            .direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(room.room_id())
+            .copied();
+        if let Some(direct) = known {
+            return direct;
         }
-        match room.members(RoomMemberships::ACTIVE).await {
-            Ok(members) => members.len() <= 2,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot list members");
-                false
-            }
-        }
+        let direct = room.is_direct().await.unwrap_or(false)
+            || match room.members(RoomMemberships::ACTIVE).await {
+                Ok(members) => members.len() <= 2,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list members");
+                    return false;
+                }
+            };
+        self.direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room.room_id().to_owned(), direct);
+        direct
     }
 
     async fn on_message(self: Arc<Self>, ev: OriginalSyncRoomMessageEvent, room: Room) {
@@ -428,6 +452,10 @@ impl Shared {
 
     /// Leaves a room once nobody it is there for remains.
     async fn on_member(self: Arc<Self>, ev: OriginalSyncRoomMemberEvent, room: Room) {
+        self.direct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(room.room_id());
         if room.state() != RoomState::Joined
             || ev.state_key == self.user_id
             || !matches!(
@@ -489,7 +517,7 @@ impl Surface for MatrixSurface {
             AddMentions::No,
         );
         let id = self.room.send(content).await?.response.event_id;
-        self.shared.remember_sent(id.clone());
+        self.shared.remember_sender(id.clone(), true);
         Ok(id)
     }
 
@@ -668,7 +696,8 @@ impl MatrixClient {
             user_id,
             display_name,
             started: MilliSecondsSinceUnixEpoch::now(),
-            sent: Mutex::new(Recent::default()),
+            senders: Mutex::new(Senders::default()),
+            direct: Mutex::new(HashMap::new()),
             undecryptable: Mutex::new(HashMap::new()),
         });
 
