@@ -7,12 +7,14 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{LogFormat, Settings, Sources};
+pub use crate::app::{init_logging, load_settings};
+use crate::app::{load_worker, open_store};
+use crate::chat::{ConversationKey, Role};
+use crate::config::Settings;
 use crate::core::{Assistant, Prompter};
 use crate::inference::{
     self, GenerationEvent, GenerationRequest, SamplingParams, Worker, WorkerOptions,
 };
-use crate::memory::{ConversationKey, Store};
 use crate::prompt::TextTokenizer;
 
 #[derive(Debug, Parser)]
@@ -94,91 +96,6 @@ pub struct GenerateArgs {
     pub seed: Option<u64>,
 }
 
-/// Loads settings for a command; errors name the key.
-pub fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
-    Settings::load(&Sources::standard(config))
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
-}
-
-/// Logs to stderr, journald-friendly: no colours unless stderr is a terminal.
-pub fn init_logging(settings: &Settings) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNTHIA_BOT_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match settings.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
-pub(crate) async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    Ok(Store::open(
-        &settings.memory.database,
-        std::time::Duration::from_millis(u64::from(settings.memory.busy_timeout_ms)),
-    )
-    .await?)
-}
-
-pub(crate) fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
-    let started = std::time::Instant::now();
-    let loaded = inference::load_from_settings(&settings.model).context("cannot load the model")?;
-    tracing::info!(
-        source = %loaded.source.display(),
-        format = ?loaded.format,
-        seconds = started.elapsed().as_secs_f32(),
-        "model loaded"
-    );
-    Ok(Worker::spawn(
-        loaded,
-        WorkerOptions {
-            queue_capacity: settings.model.queue_capacity as usize,
-            kv_cache_budget_bytes: settings.kv_cache_budget_bytes(),
-            prefill_chunk: settings.model.prefill_chunk as usize,
-            context_length: settings.model.context_length as usize,
-            start_paused: false,
-            max_batch: settings.model.max_batch as usize,
-        },
-    ))
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub(crate) async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// Resolves on each SIGHUP (never elsewhere).
-pub(crate) async fn reload_signal(hangup: &mut Option<tokio::signal::unix::Signal>) {
-    match hangup {
-        Some(h) => {
-            h.recv().await;
-        }
-        None => std::future::pending::<()>().await,
-    }
-}
-
 pub async fn chat(mut settings: Settings, args: ChatArgs) -> anyhow::Result<()> {
     if let Some(model) = args.model {
         settings.model.path = model.display().to_string();
@@ -235,14 +152,14 @@ pub async fn prompt(mut settings: Settings, args: PromptArgs) -> anyhow::Result<
     let history = store.since_reset(&conv).await?;
     let unanswered = history
         .last()
-        .filter(|m| m.role == crate::memory::Role::User)
+        .filter(|m| m.role == Role::User)
         .map(|m| m.id);
     let extra = match unanswered {
         Some(_) => None,
         None => Some(crate::prompt::Turn {
             id: i64::MAX,
             exchange: i64::MAX,
-            role: crate::memory::Role::User,
+            role: Role::User,
             speaker: None,
             content: String::new(),
             cached: None,

@@ -7,6 +7,8 @@
 //! streams from the one [`inference`] worker. The core never imports an adapter.
 
 pub mod adapters;
+pub mod app;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod core;

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::chat::Platform;
 use crate::core::{Observer, ReplyReport};
 use crate::inference::FinishReason;
 
@@ -154,9 +155,9 @@ impl Metrics {
         *self.queue_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
     }
 
-    pub fn set_connected(&self, platform: &str, up: bool) {
+    pub fn set_connected(&self, platform: Platform, up: bool) {
         self.connected
-            .get_or_create(&labels(&[("platform", platform)]))
+            .get_or_create(&labels(&[("platform", platform.as_str())]))
             .set(i64::from(up));
     }
 
@@ -174,25 +175,25 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
-    fn received(&self, platform: &str) {
+    fn received(&self, platform: Platform) {
         self.received
-            .get_or_create(&labels(&[("platform", platform)]))
+            .get_or_create(&labels(&[("platform", platform.as_str())]))
             .inc();
     }
 
-    fn refused(&self, platform: &str, reason: &'static str) {
+    fn refused(&self, platform: Platform, reason: &'static str) {
         self.refused
-            .get_or_create(&labels(&[("platform", platform), ("reason", reason)]))
+            .get_or_create(&labels(&[("platform", platform.as_str()), ("reason", reason)]))
             .inc();
     }
 
-    fn command(&self, platform: &str) {
+    fn command(&self, platform: Platform) {
         self.commands
-            .get_or_create(&labels(&[("platform", platform)]))
+            .get_or_create(&labels(&[("platform", platform.as_str())]))
             .inc();
     }
 
-    fn answered(&self, platform: &str, r: &ReplyReport) {
+    fn answered(&self, platform: Platform, r: &ReplyReport) {
         let finish = match r.finish {
             FinishReason::Eos => "eos",
             FinishReason::Stop => "stop",
@@ -200,9 +201,9 @@ impl Observer for Metrics {
             FinishReason::Cancelled => "cancelled",
             FinishReason::Error => "error",
         };
-        let p = labels(&[("platform", platform)]);
+        let p = labels(&[("platform", platform.as_str())]);
         self.answered
-            .get_or_create(&labels(&[("platform", platform), ("finish", finish)]))
+            .get_or_create(&labels(&[("platform", platform.as_str()), ("finish", finish)]))
             .inc();
         self.tokens_generated
             .get_or_create(&p)
@@ -228,16 +229,16 @@ impl Observer for Metrics {
             .observe(r.generation_time.as_secs_f64());
     }
 
-    fn error(&self, platform: &str, kind: &'static str) {
+    fn error(&self, platform: Platform, kind: &'static str) {
         self.errors
-            .get_or_create(&labels(&[("platform", platform), ("kind", kind)]))
+            .get_or_create(&labels(&[("platform", platform.as_str()), ("kind", kind)]))
             .inc();
     }
 }
 
 impl Metrics {
     /// A failure outside the core (a platform's connection).
-    pub fn adapter_error(&self, platform: &str, kind: &'static str) {
+    pub fn adapter_error(&self, platform: Platform, kind: &'static str) {
         Observer::error(self, platform, kind);
     }
 }
@@ -285,10 +286,10 @@ mod tests {
     fn renders_what_was_observed() {
         let m = Metrics::new();
         m.set_queue_source(|| 3);
-        m.received("matrix");
-        m.refused("discord", "denied");
+        m.received(Platform::Matrix);
+        m.refused(Platform::Discord, "denied");
         m.answered(
-            "matrix",
+            Platform::Matrix,
             &ReplyReport {
                 finish: FinishReason::Eos,
                 prompt_tokens: 40,
@@ -299,7 +300,7 @@ mod tests {
                 trimmed_turns: 2,
             },
         );
-        m.set_connected("discord", true);
+        m.set_connected(Platform::Discord, true);
         let text = m.render();
         for line in [
             "synthia_messages_received_total{platform=\"matrix\"} 1",

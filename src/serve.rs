@@ -12,7 +12,8 @@ use tokio::sync::{oneshot, watch};
 use crate::adapters::ConnectError;
 use crate::adapters::discord::DiscordClient;
 use crate::adapters::matrix::MatrixClient;
-use crate::cli::{load_settings, load_worker, open_store, reload_signal, shutdown_signal};
+use crate::app::{load_settings, load_worker, open_store, reload_signal, shutdown_signal};
+use crate::chat::Platform;
 use crate::config::Settings;
 use crate::core::Assistant;
 use crate::metrics::Metrics;
@@ -21,17 +22,18 @@ use crate::service::Notifier;
 /// Longest pause between two connection attempts of one platform.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// The platforms `serve` connects to (the terminal is `chat`'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Platform {
+enum Remote {
     Discord,
     Matrix,
 }
 
-impl Platform {
-    fn name(self) -> &'static str {
+impl Remote {
+    fn platform(self) -> Platform {
         match self {
-            Platform::Discord => "discord",
-            Platform::Matrix => "matrix",
+            Remote::Discord => Platform::Discord,
+            Remote::Matrix => Platform::Matrix,
         }
     }
 }
@@ -43,25 +45,25 @@ enum Connection {
 
 impl Connection {
     async fn open(
-        platform: Platform,
+        platform: Remote,
         settings: &Settings,
         assistant: Arc<Assistant>,
     ) -> Result<Self, ConnectError> {
         match platform {
-            Platform::Discord => DiscordClient::connect(&settings.discord, assistant)
+            Remote::Discord => DiscordClient::connect(&settings.discord, assistant)
                 .await
                 .map(Connection::Discord),
-            Platform::Matrix => MatrixClient::connect(&settings.matrix, assistant)
+            Remote::Matrix => MatrixClient::connect(&settings.matrix, assistant)
                 .await
                 .map(Connection::Matrix)
                 .map_err(ConnectError::from),
         }
     }
 
-    async fn run(self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn run(self, stop: watch::Receiver<bool>) -> Result<(), ConnectError> {
         match self {
             Connection::Discord(c) => c.run(stop).await,
-            Connection::Matrix(c) => c.run(stop).await,
+            Connection::Matrix(c) => c.run(stop).await.map_err(ConnectError::from),
         }
     }
 }
@@ -70,14 +72,14 @@ impl Connection {
 /// failures, gives up on errors only the operator can fix. The first attempt's result goes to
 /// `first`, so start-up can report it.
 async fn supervise(
-    platform: Platform,
+    platform: Remote,
     settings: Settings,
     assistant: Arc<Assistant>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     first: oneshot::Sender<Result<(), ConnectError>>,
 ) {
-    let name = platform.name();
+    let name = platform.platform();
     let mut first = Some(first);
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -93,7 +95,7 @@ async fn supervise(
                 if let Some(f) = first.take() {
                     let _ = f.send(Ok(()));
                 } else {
-                    tracing::info!(platform = name, "reconnected");
+                    tracing::info!(platform = %name, "reconnected");
                 }
                 metrics.set_connected(name, true);
                 backoff = Duration::from_secs(1);
@@ -103,22 +105,27 @@ async fn supervise(
                     return;
                 }
                 match result {
-                    Ok(()) => tracing::warn!(platform = name, "connection ended; reconnecting"),
+                    Ok(()) => tracing::warn!(platform = %name, "connection ended; reconnecting"),
+                    Err(e) if e.is_retryable() => {
+                        metrics.adapter_error(name, "connection");
+                        tracing::error!(platform = %name, error = %e, "connection failed; reconnecting")
+                    }
                     Err(e) => {
                         metrics.adapter_error(name, "connection");
-                        tracing::error!(platform = name, error = %format!("{e:#}"), "connection failed; reconnecting")
+                        tracing::error!(platform = %name, error = %e, "connection refused; this platform stays off until the configuration is fixed");
+                        return;
                     }
                 }
             }
             Err(e) => {
                 metrics.adapter_error(name, "connect");
-                let retryable = e.retryable;
+                let retryable = e.is_retryable();
                 match first.take() {
                     Some(f) => {
                         let _ = f.send(Err(e));
                     }
                     None => {
-                        tracing::error!(platform = name, error = %e, retry_in_s = backoff.as_secs(), "cannot connect")
+                        tracing::error!(platform = %name, error = %e, retry_in_s = backoff.as_secs(), "cannot connect")
                     }
                 }
                 if !retryable {
@@ -137,10 +144,10 @@ async fn supervise(
 pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
     let mut platforms = Vec::new();
     if settings.discord.enabled {
-        platforms.push(Platform::Discord);
+        platforms.push(Remote::Discord);
     }
     if settings.matrix.enabled {
-        platforms.push(Platform::Matrix);
+        platforms.push(Remote::Matrix);
     }
     if platforms.is_empty() {
         bail!(
@@ -187,17 +194,17 @@ pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Resul
         match rx.await {
             Ok(Ok(())) => {
                 up += 1;
-                tracing::info!(platform = p.name(), "connected");
+                tracing::info!(platform = p.platform().as_str(), "connected");
             }
-            Ok(Err(e)) if e.retryable => {
+            Ok(Err(e)) if e.is_retryable() => {
                 retrying += 1;
-                tracing::error!(platform = p.name(), error = %e, "cannot connect; retrying in the background");
+                tracing::error!(platform = p.platform().as_str(), error = %e, "cannot connect; retrying in the background");
             }
             Ok(Err(e)) => {
-                tracing::error!(platform = p.name(), error = %e, "cannot connect; this platform stays off until the configuration is fixed");
-                refused.push(format!("{}: {e}", p.name()));
+                tracing::error!(platform = p.platform().as_str(), error = %e, "cannot connect; this platform stays off until the configuration is fixed");
+                refused.push(format!("{}: {e}", p.platform().as_str()));
             }
-            Err(_) => refused.push(format!("{}: the connection task ended", p.name())),
+            Err(_) => refused.push(format!("{}: the connection task ended", p.platform().as_str())),
         }
     }
     if up + retrying == 0 {

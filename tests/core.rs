@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use synthia_bot::config::Settings;
-use synthia_bot::core::{Assistant, Author, Incoming, Outcome, ReplySink, text};
+use synthia_bot::chat::{Author, Incoming, Request};
+use synthia_bot::core::{Assistant, Outcome, ReplySink, text};
 use synthia_bot::inference::{FinishReason, Worker, WorkerOptions};
-use synthia_bot::memory::{ConversationKey, Role, Status, Store};
+use synthia_bot::chat::{ConversationKey, Platform, Role};
+use synthia_bot::memory::{Status, Store};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Call {
@@ -83,11 +85,11 @@ async fn fixture(edit: impl FnOnce(&mut Settings)) -> Fixture {
 }
 
 fn key() -> ConversationKey {
-    ConversationKey::new("discord", "g1", "c1", "")
+    ConversationKey::new(Platform::Discord, "g1", "c1", "")
 }
 
 fn message(user: &str, text: &str, id: &str) -> Incoming {
-    let mut m = Incoming::message(
+    let mut m = Incoming::question(
         key(),
         Author {
             id: user.into(),
@@ -103,7 +105,7 @@ fn message(user: &str, text: &str, id: &str) -> Incoming {
 fn command(user: &str, text: &str, private: bool) -> Incoming {
     let mut m = message(user, text, &format!("cmd-{text}-{user}"));
     m.message_id = None;
-    m.is_command = true;
+    m.request = Request::from_command_text(text);
     m.is_private = private;
     m
 }
@@ -168,9 +170,10 @@ async fn access_rules_deny_silently_and_store_nothing() {
     );
     assert!(sink.calls().is_empty());
     assert!(f.store.find_conversation(&key()).await.unwrap().is_none());
-    // A platform without rules configured is closed.
+    // Each platform has its own rules: Matrix's allow-list, not Discord's, decides there.
+    let f = fixture(|s| s.matrix.access.allowed_users = vec!["@u1:x".into()]).await;
     let mut other = message("u1", "hi", "m2");
-    other.key = ConversationKey::new("irc", "", "#x", "");
+    other.key = ConversationKey::new(Platform::Matrix, "", "!r:x", "");
     assert_eq!(f.assistant.handle(other, &sink).await, Outcome::Denied);
 }
 
@@ -202,7 +205,7 @@ async fn rate_limit_says_when_to_retry_and_queues_nothing() {
         "{calls:?}"
     );
     assert!(
-        !f.store.is_known("discord", "m9").await.unwrap(),
+        !f.store.is_known(Platform::Discord, "m9").await.unwrap(),
         "nothing stored or queued"
     );
     // Another user is not affected.
@@ -231,7 +234,7 @@ async fn one_generation_per_conversation_in_arrival_order() {
         let store = f.store.clone();
         let qid = format!("q{i}");
         tokio::time::timeout(Duration::from_secs(30), async move {
-            while !store.is_known("discord", &qid).await.unwrap() {
+            while !store.is_known(Platform::Discord, &qid).await.unwrap() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -300,7 +303,7 @@ async fn worker_failure_gives_a_user_facing_error_and_keeps_the_question() {
         Some(&Call::Fail(text::UNAVAILABLE.into()))
     );
     assert!(
-        f.store.is_known("discord", "m1").await.unwrap(),
+        f.store.is_known(Platform::Discord, "m1").await.unwrap(),
         "the question is not lost"
     );
 }
@@ -400,7 +403,7 @@ async fn stop_and_delete_cancel_a_reply_in_progress() {
         .await
     });
     tokio::time::timeout(Duration::from_secs(30), async {
-        while !f.store.is_known("discord", "doomed").await.unwrap() {
+        while !f.store.is_known(Platform::Discord, "doomed").await.unwrap() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -409,7 +412,7 @@ async fn stop_and_delete_cancel_a_reply_in_progress() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         f.assistant
-            .message_deleted("discord", "doomed")
+            .message_deleted(Platform::Discord, "doomed")
             .await
             .unwrap()
     );
@@ -427,7 +430,7 @@ async fn stop_and_delete_cancel_a_reply_in_progress() {
         ),
         "{out:?}"
     );
-    assert!(!f.store.is_known("discord", "doomed").await.unwrap());
+    assert!(!f.store.is_known(Platform::Discord, "doomed").await.unwrap());
     let conv = f.store.find_conversation(&key()).await.unwrap().unwrap();
     assert!(
         f.store
@@ -449,7 +452,7 @@ async fn oversized_and_private_questions() {
         .await;
     assert_eq!(out, Outcome::Rejected);
     assert_eq!(sink.calls(), vec![Call::Fail(text::too_long(51, 50))]);
-    assert!(!f.store.is_known("discord", "big").await.unwrap());
+    assert!(!f.store.is_known(Platform::Discord, "big").await.unwrap());
     // A private one-off is answered but not remembered.
     let mut m = message("u1", "secret question", "p1");
     m.remember = false;
@@ -458,7 +461,7 @@ async fn oversized_and_private_questions() {
         matches!(out, Outcome::Answered { reply_id: None, .. }),
         "{out:?}"
     );
-    assert!(!f.store.is_known("discord", "p1").await.unwrap());
+    assert!(!f.store.is_known(Platform::Discord, "p1").await.unwrap());
     // Speaker names appear in group conversations.
     f.assistant
         .handle(message("u1", "named", "n1"), &Recorder::default())

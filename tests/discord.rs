@@ -13,7 +13,8 @@ use synthia_bot::adapters::discord::DiscordClient;
 use synthia_bot::config::Settings;
 use synthia_bot::core::{Assistant, text};
 use synthia_bot::inference::WorkerOptions;
-use synthia_bot::memory::{ConversationKey, Role, Store};
+use synthia_bot::chat::{ConversationKey, Platform, Role};
+use synthia_bot::memory::Store;
 
 const ALICE: (u64, &str) = (5001, "alice");
 const ADMIN: u64 = 5999;
@@ -66,7 +67,7 @@ async fn start(edit: impl FnOnce(&mut Settings)) -> Bot {
 }
 
 fn channel_key() -> ConversationKey {
-    ConversationKey::new("discord", &GUILD.to_string(), &CHANNEL.to_string(), "")
+    ConversationKey::new(Platform::Discord, &GUILD.to_string(), &CHANNEL.to_string(), "")
 }
 
 async fn stored_reply_to(store: &Store, key: &ConversationKey, question: &str) -> Option<String> {
@@ -408,7 +409,7 @@ async fn denied_users_get_no_call_at_all() {
         );
         assert!(!c.path.contains(&DM_CHANNEL.to_string()), "{c:?}");
     }
-    assert!(!bot.store.is_known("discord", "7201").await.unwrap());
+    assert!(!bot.store.is_known(Platform::Discord, "7201").await.unwrap());
     // Messages that do not address the bot, and bots, are ignored too.
     bot.fake.dispatch(
         "MESSAGE_CREATE",
@@ -435,8 +436,8 @@ async fn denied_users_get_no_call_at_all() {
         ),
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(!bot.store.is_known("discord", "7204").await.unwrap());
-    assert!(!bot.store.is_known("discord", "7205").await.unwrap());
+    assert!(!bot.store.is_known(Platform::Discord, "7204").await.unwrap());
+    assert!(!bot.store.is_known(Platform::Discord, "7205").await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,7 +495,7 @@ async fn edits_and_deletes_follow_the_question() {
         json!({ "id": "7401", "channel_id": CHANNEL.to_string(), "guild_id": GUILD.to_string() }),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while bot.store.is_known("discord", "7401").await.unwrap() {
+    while bot.store.is_known(Platform::Discord, "7401").await.unwrap() {
         assert!(Instant::now() < deadline, "delete not applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -743,7 +744,7 @@ async fn sighup_reloads_the_access_rules() {
     );
     wait_reply(&store, &channel_key(), "7703").await;
     assert!(
-        !store.is_known("discord", "7702").await.unwrap(),
+        !store.is_known(Platform::Discord, "7702").await.unwrap(),
         "alice is no longer answered"
     );
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);

@@ -16,7 +16,8 @@ use matrix_sdk::ruma::events::room::message::{
 use matrix_sdk::ruma::{OwnedEventId, OwnedUserId, RoomId};
 use synapse::{Human, Reply, Synapse};
 use synthia_bot::core::text;
-use synthia_bot::memory::{ConversationKey, Role, Status, Store};
+use synthia_bot::chat::{ConversationKey, Platform, Role};
+use synthia_bot::memory::{Status, Store};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -147,7 +148,7 @@ async fn alice_and_bot(synapse: &Synapse) -> (Human, tempfile::TempDir, BotSetup
 }
 
 fn room_key(room: &RoomId, thread: &str) -> ConversationKey {
-    ConversationKey::new("matrix", "", room.as_str(), thread)
+    ConversationKey::new(Platform::Matrix, "", room.as_str(), thread)
 }
 
 fn replies_to(human: &Human, room: &RoomId, bot: &OwnedUserId, question: &OwnedEventId) -> usize {

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use common::daemon::{Daemon, eventually};
 use fake_discord::{BOT_ID, CHANNEL, FakeDiscord, GUILD, REFUSED_TOKEN};
 use synapse::Synapse;
-use synthia_bot::memory::{ConversationKey, Role, Status, Store};
+use synthia_bot::chat::{ConversationKey, Platform, Role};
+use synthia_bot::memory::{Status, Store};
 
 const WAIT: Duration = Duration::from_secs(60);
 const DISCORD_TOKEN: &str = "discord-secret-token-4f1c";
@@ -179,7 +180,7 @@ async fn serves_discord_and_matrix_at_once() {
     )
     .await
     .unwrap();
-    let discord_key = ConversationKey::new("discord", &GUILD.to_string(), &CHANNEL.to_string(), "");
+    let discord_key = ConversationKey::new(Platform::Discord, &GUILD.to_string(), &CHANNEL.to_string(), "");
     let (_, status) = wait_stored(&store, &discord_key, "8101").await;
     assert!(
         matches!(status, Status::Complete),
@@ -194,7 +195,7 @@ async fn serves_discord_and_matrix_at_once() {
     let q = alice
         .send(&room, "hello from matrix", Some(&bot_user))
         .await;
-    let matrix_key = ConversationKey::new("matrix", "", room_id.as_str(), "");
+    let matrix_key = ConversationKey::new(Platform::Matrix, "", room_id.as_str(), "");
     let (_, status) = wait_stored(&store, &matrix_key, q.as_str()).await;
     assert!(
         matches!(status, Status::Complete),
@@ -365,7 +366,7 @@ async fn broken_setups_say_what_is_wrong() {
     )
     .await
     .unwrap();
-    let key = ConversationKey::new("discord", &GUILD.to_string(), &CHANNEL.to_string(), "");
+    let key = ConversationKey::new(Platform::Discord, &GUILD.to_string(), &CHANNEL.to_string(), "");
     wait_stored(&store, &key, "8201").await;
     daemon.sigterm();
     let status = daemon.wait_exit(Duration::from_secs(30)).await;

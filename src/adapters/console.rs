@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
-use crate::core::{Assistant, Author, Incoming, ReplySink};
-use crate::memory::ConversationKey;
+use crate::chat::{Author, ConversationKey, Incoming, Request};
+use crate::core::{Assistant, ReplySink};
 
 /// Prints a streamed reply: only what is new since the last update.
 struct ConsoleSink {
@@ -112,12 +112,12 @@ pub async fn run_with<R: AsyncBufRead + Unpin>(
         if line.trim().is_empty() {
             continue;
         }
-        let mut msg = Incoming::message(key.clone(), author.clone(), line);
+        let request = match line.trim_start().strip_prefix('/') {
+            Some(cmd) => Request::from_command_text(cmd),
+            None => Request::Question(line.to_string()),
+        };
+        let mut msg = Incoming::new(key.clone(), author.clone(), request);
         msg.is_private = true;
-        if let Some(cmd) = line.trim_start().strip_prefix('/') {
-            msg.is_command = true;
-            msg.text = cmd.to_string();
-        }
         let sink = ConsoleSink {
             printed: Mutex::new(String::new()),
             interactive,

@@ -1,6 +1,6 @@
 //! Who may talk to the bot and who may change its memory, per platform.
 
-use super::Incoming;
+use crate::chat::Incoming;
 use crate::config::AccessSettings;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,12 +141,11 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::Author;
-    use crate::memory::ConversationKey;
+    use crate::chat::{Author, ConversationKey, Platform};
 
     fn msg(user: &str, roles: &[&str], space: &str, channel: &str, private: bool) -> Incoming {
-        let mut m = Incoming::message(
-            ConversationKey::new("discord", space, channel, ""),
+        let mut m = Incoming::question(
+            ConversationKey::new(Platform::Discord, space, channel, ""),
             Author {
                 id: user.into(),
                 name: user.into(),

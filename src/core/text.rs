@@ -1,6 +1,6 @@
 //! Every sentence the bot says to users, in one place.
 
-use super::commands::CommandError;
+use crate::chat::CommandError;
 
 pub const HELP: &str = concat!(
     "I'm Synthia. Mention me or write to me directly and I'll answer; I remember this conversation.\n",

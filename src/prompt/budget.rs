@@ -5,7 +5,7 @@
 
 use super::tokens::{TextTokenizer, TokenizerError};
 use super::{GENERATION_CUE, system_line, turn_line};
-use crate::memory::Role;
+use crate::chat::Role;
 
 /// Appended to a message that had to be cut to fit; the model and the operator both see it.
 pub const CUT_MARKER: &str = " [… message cut to fit the context window]";

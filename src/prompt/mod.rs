@@ -8,7 +8,7 @@ pub mod tokens;
 pub use budget::{BuiltPrompt, PromptError, Turn, build};
 pub use tokens::{TextTokenizer, TokenizerError};
 
-use crate::memory::Role;
+use crate::chat::Role;
 
 pub const SYSTEM_TAG: &str = "SYSTEM:";
 pub const USER_TAG: &str = "USER:";

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use serenity::all::{
     ChannelId, CommandDataOptionValue, CommandInteraction, CommandOptionType, Context,
     CreateAllowedMentions, CreateCommand, CreateCommandOption, CreateInteractionResponseFollowup,
@@ -16,70 +15,22 @@ use serenity::all::{
 };
 use serenity::http::{Http, HttpError};
 
+mod trigger;
+
+pub use trigger::{Facts, classify, strip_mention};
+
 use super::ConnectError;
 use super::split::DISCORD_LIMIT;
 use super::stream::{StreamedReply, Surface};
 use crate::config::DiscordSettings;
-use crate::core::{Assistant, Author, Incoming};
-use crate::memory::ConversationKey;
+use crate::chat::{
+    Author, Command, ConversationKey, Incoming, Platform, Request, Setting, Trigger,
+};
+use crate::chat::command::TEMPERATURE_RANGE;
+use crate::core::Assistant;
 
 /// Discord's own API; any other `api_base` is used as a proxy (tests, self-hosted proxies).
 const DISCORD_BASE: &str = "https://discord.com";
-
-/// What a message is to the bot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trigger {
-    Ignore,
-    /// Answer this text (the bot's mention removed).
-    Message(String),
-    /// A prefix command, without its prefix.
-    Command(String),
-}
-
-/// The facts trigger detection needs, apart from serenity's types so it can be tested as a table.
-#[derive(Debug, Clone, Default)]
-pub struct Facts<'a> {
-    pub bot_id: u64,
-    pub content: &'a str,
-    pub author_is_bot: bool,
-    /// A regular message or a reply; joins, pins and other system messages are not.
-    pub is_regular: bool,
-    pub is_dm: bool,
-    pub mentions_bot: bool,
-    pub replies_to_bot: bool,
-    pub in_bot_thread: bool,
-    pub always_answer: bool,
-    pub prefix: &'a str,
-}
-
-/// Removes `<@id>` and `<@!id>` mentions of the bot.
-pub fn strip_mention(content: &str, bot_id: u64) -> String {
-    content
-        .replace(&format!("<@{bot_id}>"), "")
-        .replace(&format!("<@!{bot_id}>"), "")
-        .trim()
-        .to_string()
-}
-
-pub fn classify(f: &Facts<'_>) -> Trigger {
-    if f.author_is_bot || !f.is_regular {
-        return Trigger::Ignore;
-    }
-    let text = strip_mention(f.content, f.bot_id);
-    if !f.prefix.is_empty()
-        && let Some(cmd) = text.strip_prefix(f.prefix)
-        && cmd.chars().next().is_some_and(char::is_alphabetic)
-    {
-        return Trigger::Command(cmd.trim().to_string());
-    }
-    if f.is_dm || f.mentions_bot || f.replies_to_bot || f.in_bot_thread || f.always_answer {
-        if text.is_empty() {
-            return Trigger::Ignore;
-        }
-        return Trigger::Message(text);
-    }
-    Trigger::Ignore
-}
 
 fn is_rate_limited(e: &serenity::Error) -> bool {
     matches!(e, serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) if r.status_code.as_u16() == 429)
@@ -290,7 +241,7 @@ impl Handler {
     /// so allow-lists by channel cover the channel's threads.
     fn key(ctx: &Context, guild: Option<GuildId>, channel: ChannelId) -> ConversationKey {
         let Some(g) = guild else {
-            return ConversationKey::new("discord", "", &channel.to_string(), "");
+            return ConversationKey::new(Platform::Discord, "", &channel.to_string(), "");
         };
         let parent = ctx.cache.guild(g).and_then(|guild| {
             guild
@@ -301,12 +252,12 @@ impl Handler {
         });
         match parent {
             Some(p) => ConversationKey::new(
-                "discord",
+                Platform::Discord,
                 &g.to_string(),
                 &p.to_string(),
                 &channel.to_string(),
             ),
-            None => ConversationKey::new("discord", &g.to_string(), &channel.to_string(), ""),
+            None => ConversationKey::new(Platform::Discord, &g.to_string(), &channel.to_string(), ""),
         }
     }
 
@@ -336,7 +287,11 @@ impl Handler {
                 .add_option(CreateCommandOption::new(
                     CommandOptionType::Number,
                     "temperature",
-                    "0 to 5",
+                    format!(
+                        "{} to {}",
+                        TEMPERATURE_RANGE.start(),
+                        TEMPERATURE_RANGE.end()
+                    ),
                 ))
                 .add_option(CreateCommandOption::new(
                     CommandOptionType::Integer,
@@ -375,10 +330,8 @@ impl Handler {
                 .contains(&msg.channel_id.to_string()),
             prefix: &self.settings.command_prefix,
         };
-        let (text, is_command) = match classify(&facts) {
-            Trigger::Ignore => return,
-            Trigger::Message(t) => (t, false),
-            Trigger::Command(c) => (c, true),
+        let Some(request) = classify(&facts).into_request() else {
+            return;
         };
         let name = msg
             .member
@@ -397,10 +350,9 @@ impl Handler {
                     .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
                     .unwrap_or_default(),
             },
-            text,
+            request,
             message_id: Some(msg.id.to_string()),
             is_private: msg.guild_id.is_none(),
-            is_command,
             remember: true,
         };
         let sink = discord_reply(
@@ -427,37 +379,10 @@ impl Handler {
             option("private"),
             Some(CommandDataOptionValue::Boolean(true))
         );
-        let mut texts: Vec<(String, bool)> = Vec::new();
-        match cmd.data.name.as_str() {
-            "ask" => {
-                let Some(CommandDataOptionValue::String(q)) = option("prompt") else {
-                    return;
-                };
-                texts.push((q.clone(), false));
-            }
-            "system" => match option("text") {
-                Some(CommandDataOptionValue::String(t)) => {
-                    texts.push((format!("system {t}"), true))
-                }
-                _ => texts.push(("system".into(), true)),
-            },
-            "settings" => {
-                if let Some(CommandDataOptionValue::Number(t)) = option("temperature") {
-                    texts.push((format!("set temperature {t}"), true));
-                }
-                if let Some(CommandDataOptionValue::Integer(n)) = option("max_tokens") {
-                    texts.push((format!("set max_tokens {n}"), true));
-                }
-                if texts.is_empty() {
-                    texts.push(("help".into(), true));
-                }
-            }
-            name @ ("reset" | "stop" | "help") => texts.push((name.to_string(), true)),
-            other => {
-                tracing::warn!(command = other, "unknown slash command");
-                return;
-            }
-        }
+        let Some(requests) = slash_requests(&cmd.data.name, &option) else {
+            tracing::warn!(command = %cmd.data.name, "unknown or incomplete slash command");
+            return;
+        };
         // Discord wants an answer within 3 s: defer at once, then edit the response.
         let ephemeral = private || cmd.data.name != "ask";
         let deferred = if ephemeral {
@@ -480,7 +405,8 @@ impl Handler {
             .as_ref()
             .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
             .unwrap_or_default();
-        for (i, (text, is_command)) in texts.into_iter().enumerate() {
+        for (i, request) in requests.into_iter().enumerate() {
+            let is_question = matches!(request, Request::Question(_));
             let incoming = Incoming {
                 key: Self::key(&ctx, cmd.guild_id, cmd.channel_id),
                 author: Author {
@@ -488,10 +414,9 @@ impl Handler {
                     name: name.clone(),
                     roles: roles.clone(),
                 },
-                text,
-                message_id: (!is_command).then(|| format!("interaction-{}", cmd.id)),
+                request,
+                message_id: is_question.then(|| format!("interaction-{}", cmd.id)),
                 is_private: cmd.guild_id.is_none(),
-                is_command,
                 remember: !private,
             };
             // Later parts of one /settings call answer in follow-ups below the first.
@@ -506,6 +431,54 @@ impl Handler {
             );
             self.assistant.handle(incoming, &sink).await;
         }
+    }
+}
+
+/// What a slash command asks for, built from its options (never turned back into text).
+/// `/settings` with both options is two requests, answered one below the other.
+fn slash_requests<'a>(
+    name: &str,
+    option: &dyn Fn(&str) -> Option<&'a CommandDataOptionValue>,
+) -> Option<Vec<Request>> {
+    let requests = match name {
+        "ask" => match option("prompt") {
+            Some(CommandDataOptionValue::String(q)) => vec![Request::Question(q.clone())],
+            _ => return None,
+        },
+        "system" => vec![Request::Command(Command::System(match option("text") {
+            Some(CommandDataOptionValue::String(t)) if !t.trim().is_empty() => {
+                Some(t.trim().to_string())
+            }
+            _ => None,
+        }))],
+        "settings" => {
+            let mut requests = Vec::new();
+            if let Some(CommandDataOptionValue::Number(t)) = option("temperature") {
+                requests.push(setting(Setting::temperature(*t)));
+            }
+            if let Some(CommandDataOptionValue::Integer(n)) = option("max_tokens") {
+                let n = u32::try_from(*n).map_err(|_| {
+                    crate::chat::CommandError::BadValue(format!("`{n}` is not a whole number"))
+                });
+                requests.push(setting(n.and_then(Setting::max_tokens)));
+            }
+            if requests.is_empty() {
+                requests.push(Request::Command(Command::Help));
+            }
+            requests
+        }
+        "reset" => vec![Request::Command(Command::Reset)],
+        "stop" => vec![Request::Command(Command::Stop)],
+        "help" => vec![Request::Command(Command::Help)],
+        _ => return None,
+    };
+    Some(requests)
+}
+
+fn setting(s: Result<Setting, crate::chat::CommandError>) -> Request {
+    match s {
+        Ok(s) => Request::Command(Command::Set(s)),
+        Err(e) => Request::Malformed(e),
     }
 }
 
@@ -556,7 +529,7 @@ impl EventHandler for Handler {
         let text = strip_mention(&content, self.bot_id());
         match self
             .assistant
-            .message_edited("discord", &event.id.to_string(), &text)
+            .message_edited(Platform::Discord, &event.id.to_string(), &text)
             .await
         {
             Ok(true) => tracing::info!(message = %event.id, "question edited"),
@@ -574,7 +547,7 @@ impl EventHandler for Handler {
     ) {
         match self
             .assistant
-            .message_deleted("discord", &id.to_string())
+            .message_deleted(Platform::Discord, &id.to_string())
             .await
         {
             Ok(true) => tracing::info!(message = %id, "question deleted"),
@@ -628,7 +601,7 @@ impl DiscordClient {
             .await
             .map_err(|e| connect_error(&e, base))?;
         if base != DISCORD_BASE && !is_loopback_or_same_host(&gateway.url, base) {
-            return Err(ConnectError::fatal(format!(
+            return Err(ConnectError::Misconfigured(format!(
                 "the API at {base} sent a gateway on another host ({}); refusing to connect",
                 gateway.url
             )));
@@ -649,18 +622,23 @@ impl DiscordClient {
         let client = serenity::client::ClientBuilder::new_with_http(http, intents)
             .event_handler(handler)
             .await
-            .map_err(|e| ConnectError::fatal(format!("cannot create the Discord client: {e}")))?;
+            .map_err(|e| {
+                ConnectError::Misconfigured(format!("cannot create the Discord client: {e}"))
+            })?;
         Ok(Self { client })
     }
 
     /// Runs until the gateway connection ends for good (serenity reconnects and resumes on its
     /// own) or `stop` turns true, which closes the gateway cleanly.
-    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(
+        mut self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), ConnectError> {
         let shards = self.client.shard_manager.clone();
         let run = self.client.start();
         tokio::pin!(run);
         tokio::select! {
-            r = &mut run => r.context("Discord gateway connection failed"),
+            r = &mut run => r.map_err(|e| gateway_error(&e)),
             _ = super::until_stopped(&mut stop) => {
                 shards.shutdown_all().await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
@@ -681,13 +659,26 @@ fn connect_error(e: &serenity::Error, base: &str) -> ConnectError {
         serenity::Error::Http(HttpError::UnsuccessfulRequest(r))
             if matches!(r.status_code.as_u16(), 401 | 403) =>
         {
-            ConnectError::fatal(
+            ConnectError::Refused(
                 "Discord refused the bot token: check SYNTHIA_BOT__DISCORD__TOKEN (Developer Portal, Bot, Reset Token)",
             )
         }
-        _ => ConnectError::retryable(format!(
+        _ => ConnectError::Unreachable(format!(
             "cannot reach the Discord API at {base}: {e}. Check discord.api_base and the network"
         )),
+    }
+}
+
+/// Discord closes the gateway with "authentication failed" for a token it no longer accepts;
+/// anything else is a connection that may come back.
+fn gateway_error(e: &serenity::Error) -> ConnectError {
+    match e {
+        serenity::Error::Gateway(serenity::gateway::GatewayError::InvalidAuthentication) => {
+            ConnectError::Refused(
+                "Discord no longer accepts the bot token: check SYNTHIA_BOT__DISCORD__TOKEN".into(),
+            )
+        }
+        _ => ConnectError::Unreachable(format!("Discord gateway connection failed: {e}")),
     }
 }
 
@@ -707,113 +698,6 @@ fn is_loopback_or_same_host(gateway: &str, base: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trigger_table() {
-        let base = Facts {
-            bot_id: 42,
-            content: "hello",
-            is_regular: true,
-            prefix: "!",
-            ..Facts::default()
-        };
-        let cases: Vec<(Facts, Trigger)> = vec![
-            (base.clone(), Trigger::Ignore),
-            (
-                Facts {
-                    mentions_bot: true,
-                    content: "<@42> hello",
-                    ..base.clone()
-                },
-                Trigger::Message("hello".into()),
-            ),
-            (
-                Facts {
-                    mentions_bot: true,
-                    content: "hi <@!42>",
-                    ..base.clone()
-                },
-                Trigger::Message("hi".into()),
-            ),
-            (
-                Facts {
-                    is_dm: true,
-                    ..base.clone()
-                },
-                Trigger::Message("hello".into()),
-            ),
-            (
-                Facts {
-                    replies_to_bot: true,
-                    ..base.clone()
-                },
-                Trigger::Message("hello".into()),
-            ),
-            (
-                Facts {
-                    in_bot_thread: true,
-                    ..base.clone()
-                },
-                Trigger::Message("hello".into()),
-            ),
-            (
-                Facts {
-                    always_answer: true,
-                    ..base.clone()
-                },
-                Trigger::Message("hello".into()),
-            ),
-            (
-                Facts {
-                    author_is_bot: true,
-                    is_dm: true,
-                    ..base.clone()
-                },
-                Trigger::Ignore,
-            ),
-            (
-                Facts {
-                    is_regular: false,
-                    mentions_bot: true,
-                    ..base.clone()
-                },
-                Trigger::Ignore,
-            ),
-            (
-                Facts {
-                    content: "!reset",
-                    ..base.clone()
-                },
-                Trigger::Command("reset".into()),
-            ),
-            (
-                Facts {
-                    content: "<@42> !system be brief",
-                    ..base.clone()
-                },
-                Trigger::Command("system be brief".into()),
-            ),
-            (
-                Facts {
-                    content: "!!!",
-                    always_answer: true,
-                    ..base.clone()
-                },
-                Trigger::Message("!!!".into()),
-            ),
-            (
-                Facts {
-                    mentions_bot: true,
-                    content: "<@42>",
-                    ..base.clone()
-                },
-                Trigger::Ignore,
-            ),
-        ];
-        for (facts, want) in cases {
-            assert_eq!(classify(&facts), want, "{facts:?}");
-        }
-    }
 
     #[test]
     fn gateway_hosts() {

@@ -35,11 +35,11 @@ use tracing::Instrument;
 
 use super::stream::{StreamedReply, Surface};
 use crate::config::MatrixSettings;
-use crate::core::{Assistant, Author, Incoming, text};
-use crate::memory::ConversationKey;
-use trigger::{Facts, Trigger};
+use crate::chat::{Author, ConversationKey, Incoming, Platform};
+use crate::core::{Assistant, text};
+use trigger::Facts;
 
-pub const PLATFORM: &str = "matrix";
+pub const PLATFORM: Platform = Platform::Matrix;
 
 /// Characters per event: a streamed edit carries the text four times (body, HTML, and both again
 /// in `m.new_content`) and an event may not exceed 64 KiB.
@@ -47,6 +47,7 @@ const MATRIX_PART_CHARS: usize = 8000;
 
 /// Why the Matrix adapter could not start, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MatrixError {
     #[error(
         "cannot reach the Matrix homeserver at {homeserver}: {reason}. Check matrix.homeserver and that the server is up"
@@ -72,6 +73,10 @@ pub enum MatrixError {
         "cannot open the Matrix store in {path}: {reason}. Check matrix.store_path and matrix.store_passphrase"
     )]
     Store { path: String, reason: String },
+    #[error(
+        "the homeserver no longer accepts the Matrix session (logged out?): delete matrix.store_path and restart to log in again"
+    )]
+    SessionExpired,
 }
 
 impl MatrixError {
@@ -333,10 +338,8 @@ impl Shared {
                 .iter()
                 .any(|r| r == room_id.as_str()),
         };
-        let (text, is_command) = match trigger::classify(&facts) {
-            Trigger::Ignore => return,
-            Trigger::Message(text) => (text, false),
-            Trigger::Command(text) => (text, true),
+        let Some(request) = trigger::classify(&facts).into_request() else {
+            return;
         };
         let name = match room.get_member_no_sync(&ev.sender).await {
             Ok(Some(m)) => m.name().to_string(),
@@ -349,10 +352,9 @@ impl Shared {
                 name,
                 roles: Vec::new(),
             },
-            text,
+            request,
             message_id: Some(ev.event_id.to_string()),
             is_private: is_direct,
-            is_command,
             remember: true,
         };
         let interval = self.interval();
@@ -745,7 +747,7 @@ impl MatrixClient {
     /// Syncs until `stop` turns true; the sync in flight is dropped, the token of the last
     /// completed one is already in the store. Network failures are retried with growing pauses
     /// (up to a minute); a session the server no longer accepts ends the loop with an error.
-    pub async fn run(self, mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(self, mut stopped: watch::Receiver<bool>) -> Result<(), MatrixError> {
         let mut settings = SyncSettings::default()
             .timeout(Duration::from_secs(30))
             .token(self.next_batch.clone());
@@ -765,7 +767,7 @@ impl MatrixClient {
                         if let Some(matrix_sdk::ruma::api::error::ErrorKind::UnknownToken(_)) =
                             e.client_api_error_kind()
                         {
-                            anyhow::bail!("the homeserver no longer accepts the Matrix session (logged out?): delete matrix.store_path and restart to log in again");
+                            return Err(MatrixError::SessionExpired);
                         }
                         tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "Matrix sync failed");
                         tokio::select! {

@@ -1,6 +1,9 @@
 //! Whether a Matrix message is for the bot, as a pure function of what the event says, so the
 //! rules can be tested without a homeserver.
 
+use crate::chat::Trigger;
+use crate::chat::trigger::strip_command_prefix;
+
 /// What the adapter learned about one text message.
 #[derive(Debug, Clone, Default)]
 pub struct Facts<'a> {
@@ -23,22 +26,10 @@ pub struct Facts<'a> {
     pub always_answer: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Trigger {
-    Ignore,
-    /// A question, mention removed.
-    Message(String),
-    /// A command without its prefix (`reset`, `system Be brief`).
-    Command(String),
-}
-
 pub fn classify(f: &Facts<'_>) -> Trigger {
     let text = strip_mention(f.body, f.bot_id, f.bot_name);
-    if !f.command_prefix.is_empty()
-        && let Some(rest) = text.strip_prefix(f.command_prefix)
-        && rest.chars().next().is_some_and(|c| c.is_alphabetic())
-    {
-        return Trigger::Command(rest.trim().to_string());
+    if let Some(command) = strip_command_prefix(&text, f.command_prefix) {
+        return Trigger::command(command);
     }
     let addressed = f.is_direct
         || f.mentioned_ids
@@ -49,7 +40,7 @@ pub fn classify(f: &Facts<'_>) -> Trigger {
         || f.in_bot_thread
         || f.always_answer;
     if addressed {
-        Trigger::Message(text)
+        Trigger::Question(text)
     } else {
         Trigger::Ignore
     }
@@ -155,8 +146,8 @@ mod tests {
 
     #[test]
     fn classify_table() {
-        let msg = |s: &str| Trigger::Message(s.to_string());
-        let cmd = |s: &str| Trigger::Command(s.to_string());
+        let msg = |s: &str| Trigger::Question(s.to_string());
+        let cmd = Trigger::command;
         let cases: Vec<(Facts<'_>, Trigger)> = vec![
             (facts("hello everyone"), Trigger::Ignore),
             (facts("Synthia, what is 2+2?"), msg("what is 2+2?")),

@@ -1,5 +1,11 @@
-//! Parsing commands, kept apart from executing them. Adapters strip their own prefix (`/`, `!`)
-//! and hand the rest here.
+//! The commands users can give, and parsing them from text, kept apart from executing them
+//! (that is the core's). Adapters strip their own prefix (`/`, `!`) and hand the rest here;
+//! slash commands build a [`Command`] from their options with the same checks.
+
+use std::ops::RangeInclusive;
+
+/// Temperatures a conversation may be set to (0 = greedy); the configuration allows the same.
+pub const TEMPERATURE_RANGE: RangeInclusive<f64> = 0.0..=5.0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -28,6 +34,30 @@ pub enum CommandError {
     MissingArgument(&'static str, &'static str),
     #[error("{0}")]
     BadValue(String),
+}
+
+impl Setting {
+    /// A temperature within [`TEMPERATURE_RANGE`].
+    pub fn temperature(t: f64) -> Result<Setting, CommandError> {
+        if !TEMPERATURE_RANGE.contains(&t) {
+            return Err(CommandError::BadValue(format!(
+                "temperature must be between {} and {}",
+                TEMPERATURE_RANGE.start(),
+                TEMPERATURE_RANGE.end()
+            )));
+        }
+        Ok(Setting::Temperature(t))
+    }
+
+    /// A reply length of at least one token.
+    pub fn max_tokens(n: u32) -> Result<Setting, CommandError> {
+        if n == 0 {
+            return Err(CommandError::BadValue(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        Ok(Setting::MaxTokens(n))
+    }
 }
 
 impl Command {
@@ -81,23 +111,13 @@ fn parse_set(rest: &str) -> Result<Command, CommandError> {
             let v: f64 = value
                 .parse()
                 .map_err(|_| CommandError::BadValue(format!("`{value}` is not a number")))?;
-            if !(0.0..=5.0).contains(&v) {
-                return Err(CommandError::BadValue(
-                    "temperature must be between 0 and 5".into(),
-                ));
-            }
-            Ok(Command::Set(Setting::Temperature(v)))
+            Setting::temperature(v).map(Command::Set)
         }
         "max_tokens" | "max_new_tokens" => {
             let v: u32 = value
                 .parse()
                 .map_err(|_| CommandError::BadValue(format!("`{value}` is not a whole number")))?;
-            if v == 0 {
-                return Err(CommandError::BadValue(
-                    "max_tokens must be at least 1".into(),
-                ));
-            }
-            Ok(Command::Set(Setting::MaxTokens(v)))
+            Setting::max_tokens(v).map(Command::Set)
         }
         other => Err(CommandError::BadValue(format!(
             "unknown setting `{other}` (use temperature or max_tokens)"

@@ -1,0 +1,95 @@
+//! Start-up wiring every command shares: settings, logging, the database, the model and the
+//! signals a daemon listens for. `serve` and the other commands both build on it.
+
+use anyhow::Context;
+
+use crate::config::{LogFormat, Settings, Sources};
+use crate::inference::{self, Worker, WorkerOptions};
+use crate::memory::Store;
+use std::path::Path;
+
+/// Loads settings for a command; errors name the key.
+pub fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
+    Settings::load(&Sources::standard(config))
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+}
+
+/// Logs to stderr, journald-friendly: no colours unless stderr is a terminal.
+pub fn init_logging(settings: &Settings) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNTHIA_BOT_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match settings.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    Ok(Store::open(
+        &settings.memory.database,
+        std::time::Duration::from_millis(u64::from(settings.memory.busy_timeout_ms)),
+    )
+    .await?)
+}
+
+pub fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
+    let started = std::time::Instant::now();
+    let loaded = inference::load_from_settings(&settings.model).context("cannot load the model")?;
+    tracing::info!(
+        source = %loaded.source.display(),
+        format = ?loaded.format,
+        seconds = started.elapsed().as_secs_f32(),
+        "model loaded"
+    );
+    Ok(Worker::spawn(
+        loaded,
+        WorkerOptions {
+            queue_capacity: settings.model.queue_capacity as usize,
+            kv_cache_budget_bytes: settings.kv_cache_budget_bytes(),
+            prefill_chunk: settings.model.prefill_chunk as usize,
+            context_length: settings.model.context_length as usize,
+            start_paused: false,
+            max_batch: settings.model.max_batch as usize,
+        },
+    ))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Resolves on each SIGHUP (never elsewhere).
+pub async fn reload_signal(hangup: &mut Option<tokio::signal::unix::Signal>) {
+    match hangup {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+

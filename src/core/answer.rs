@@ -1,0 +1,223 @@
+//! Answering a question: stored before anything else, one generation per conversation at a time,
+//! streamed into the sink, and the reply stored whole.
+
+use super::{Answering, Assistant, CoreConfig, CoreError, Outcome, ReplyReport, ReplySink, text};
+use crate::chat::{Incoming, Role};
+use crate::inference::{FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError};
+use crate::memory::{Appended, NewUserTurn, Status};
+use crate::prompt::Turn;
+
+impl Assistant {
+    /// Stores the question, waits for the conversation's turn, generates and stores the reply.
+    pub(super) async fn answer(
+        &self,
+        msg: Incoming,
+        question: String,
+        config: &CoreConfig,
+        sink: &dyn ReplySink,
+    ) -> Outcome {
+        self.answering
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _answering = Answering(&self.answering);
+        let text_in = question.trim();
+        if text_in.is_empty() {
+            sink.notice(text::EMPTY).await;
+            return Outcome::Rejected;
+        }
+        let chars = text_in.chars().count();
+        let limit = self.prompter().settings.max_message_chars as usize;
+        if chars > limit {
+            sink.fail(&text::too_long(chars, limit)).await;
+            return Outcome::Rejected;
+        }
+        // The user turn is stored before anything else, so a crash or restart loses nothing.
+        let stored = async {
+            let conv = self.store.conversation(&msg.key).await?;
+            if conv.private != msg.is_private {
+                self.store.set_private(&conv, msg.is_private).await?;
+            }
+            let question = if msg.remember {
+                Some(
+                    self.store
+                        .append_user(
+                            &conv,
+                            &NewUserTurn {
+                                author_id: &msg.author.id,
+                                author_name: &msg.author.name,
+                                content: &question,
+                                platform_message_id: msg.message_id.as_deref(),
+                            },
+                        )
+                        .await?,
+                )
+            } else {
+                None
+            };
+            Ok::<_, CoreError>(question)
+        }
+        .await;
+        let question_id = match stored {
+            Ok(Some(Appended::Duplicate(_))) => return Outcome::Duplicate,
+            Ok(Some(Appended::New(id))) => Some(id),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store the question");
+                self.observer().error(msg.key.platform, e.kind());
+                sink.fail(e.user_text()).await;
+                return Outcome::Failed;
+            }
+        };
+        sink.typing().await;
+
+        // One generation per conversation at a time; later messages wait in arrival order.
+        let lock = self.conversation_lock(&msg.key);
+        let _turn = lock.lock().await;
+        match self.generate(&msg, &question, question_id, config, sink).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, retryable = e.is_retryable(), "answering failed");
+                self.observer().error(msg.key.platform, e.kind());
+                sink.fail(e.user_text()).await;
+                Outcome::Failed
+            }
+        }
+    }
+
+    async fn generate(
+        &self,
+        msg: &Incoming,
+        question: &str,
+        question_id: Option<i64>,
+        config: &CoreConfig,
+        sink: &dyn ReplySink,
+    ) -> Result<Outcome, CoreError> {
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(WorkerError::Stopped.into());
+        }
+        // Reload: settings may have changed while this message waited its turn.
+        let conv = self.store.conversation(&msg.key).await?;
+        if let Some(id) = question_id
+            && self.store.message(id).await?.is_none()
+        {
+            tracing::info!("question deleted before its turn came");
+            return Ok(Outcome::Rejected);
+        }
+        let extra = match question_id {
+            Some(_) => None,
+            None => Some(Turn {
+                id: i64::MAX,
+                exchange: i64::MAX,
+                role: Role::User,
+                speaker: (!conv.private && self.prompter().settings.speaker_names)
+                    .then(|| msg.author.name.clone()),
+                content: question.to_string(),
+                cached: None,
+            }),
+        };
+        let prepared = self
+            .prompter()
+            .prepare(&self.store, &conv, question_id, extra, msg.remember)
+            .await?;
+        if let Some(cut) = prepared.built.cut_chars {
+            sink.notice(&text::cut(cut)).await;
+        }
+        tracing::debug!(
+            prompt_tokens = prepared.built.token_count(),
+            trimmed_turns = prepared.built.trimmed_turns,
+            "prompt built"
+        );
+        let mut sampling = SamplingParams::from_settings(&config.sampling);
+        if let Some(t) = conv.settings.temperature {
+            sampling.temperature = t;
+        }
+        let request = GenerationRequest {
+            conversation: msg.key.to_string(),
+            prompt: prepared.built.ids.clone(),
+            sampling,
+            max_new_tokens: prepared.max_new_tokens,
+            stop: crate::prompt::ROLE_STOPS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        let submitted = std::time::Instant::now();
+        let mut handle = self.worker.submit(request)?;
+        let cancel = handle.cancel_token();
+        self.in_flight
+            .track(&msg.key, msg.message_id.clone(), cancel.clone());
+        let mut text_so_far = String::new();
+        let mut result = None;
+        while let Some(event) = handle.next().await {
+            match event {
+                GenerationEvent::Queued { position } => sink.queued(position).await,
+                GenerationEvent::Started { .. } => {}
+                GenerationEvent::Delta(d) => {
+                    text_so_far.push_str(&d);
+                    sink.update(&text_so_far).await;
+                }
+                GenerationEvent::Finished(r) => {
+                    result = Some(r);
+                    break;
+                }
+            }
+        }
+        self.in_flight.untrack(&msg.key, &cancel);
+        let Some(result) = result else {
+            return Err(WorkerError::Stopped.into());
+        };
+        let status = match result.finish {
+            FinishReason::Eos | FinishReason::Stop | FinishReason::Length => Status::Complete,
+            FinishReason::Cancelled => Status::Cancelled,
+            FinishReason::Error => Status::Failed,
+        };
+        self.observer().answered(
+            msg.key.platform,
+            &ReplyReport {
+                finish: result.finish,
+                prompt_tokens: result.prompt_tokens,
+                reused_tokens: result.reused_tokens,
+                completion_tokens: result.completion_tokens,
+                time_to_first_token: result.time_to_first_token,
+                generation_time: submitted.elapsed(),
+                trimmed_turns: prepared.built.trimmed_turns,
+            },
+        );
+        if result.finish == FinishReason::Error {
+            self.observer().error(msg.key.platform, "generation");
+        }
+        tracing::info!(
+            finish = ?result.finish,
+            prompt_tokens = result.prompt_tokens,
+            reused_tokens = result.reused_tokens,
+            completion_tokens = result.completion_tokens,
+            "reply generated"
+        );
+        // Not stored when the question was deleted while the reply was written.
+        let reply_id = match question_id {
+            Some(q) if msg.remember => {
+                self.store
+                    .append_assistant(&conv, Some(q), &result.text, status, None)
+                    .await?
+            }
+            _ => None,
+        };
+        match result.finish {
+            FinishReason::Error => {
+                tracing::error!(
+                    error = result.error.as_deref().unwrap_or("unknown"),
+                    "generation failed"
+                );
+                sink.fail(text::FAILED).await;
+            }
+            FinishReason::Cancelled => {
+                sink.finish(&format!("{}{}", result.text, text::CANCELLED_SUFFIX))
+                    .await;
+            }
+            _ => sink.finish(&result.text).await,
+        }
+        Ok(Outcome::Answered {
+            finish: result.finish,
+            reply_id,
+        })
+    }
+}

@@ -1,0 +1,40 @@
+//! The contract between the core and an adapter: where a reply goes, and what became of a
+//! message.
+
+use std::time::Duration;
+
+use crate::inference::FinishReason;
+
+/// Where a reply goes. Adapters implement it; they pace edits to their platform's limits.
+#[async_trait::async_trait]
+pub trait ReplySink: Send + Sync {
+    /// Shown at once: the bot is on it.
+    async fn typing(&self);
+    /// Waiting behind others; `position` 1 is next.
+    async fn queued(&self, position: usize);
+    /// The reply so far (called as text streams in).
+    async fn update(&self, text_so_far: &str);
+    /// The whole reply.
+    async fn finish(&self, text: &str);
+    /// A short user-facing error instead of (or ending) a reply.
+    async fn fail(&self, message: &str);
+    /// An informational answer (command results, notices).
+    async fn notice(&self, text: &str);
+}
+
+/// What became of a message, for adapters' bookkeeping and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Answered {
+        finish: FinishReason,
+        reply_id: Option<i64>,
+    },
+    Command,
+    Denied,
+    Duplicate,
+    RateLimited {
+        retry_after: Duration,
+    },
+    Rejected,
+    Failed,
+}
