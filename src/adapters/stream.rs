@@ -30,16 +30,40 @@ pub trait Surface: Send + Sync {
 struct Shown<Id> {
     /// Messages of the reply so far and the text each shows.
     messages: Vec<(Id, String)>,
+    /// Messages before this index hold notices; the reply's own parts come after them.
+    base: usize,
     last_edit: Option<Instant>,
     finished: bool,
-    /// What is shown is only a queue notice, to be replaced.
+    /// What is shown after `base` is only a queue notice, to be replaced.
     placeholder: bool,
+    /// A queue position not shown yet because the last edit was too recent.
+    pending_position: Option<usize>,
+    /// A task is waiting to show `pending_position`.
+    flush_scheduled: bool,
+}
+
+impl<Id> Shown<Id> {
+    /// Whether a queue notice may be shown: nothing of the reply is shown yet.
+    fn queue_notice_allowed(&self) -> bool {
+        !self.finished && (self.messages.len() == self.base || self.placeholder)
+    }
+}
+
+/// How a render treats the edit interval.
+#[derive(Clone, Copy, PartialEq)]
+enum Pace {
+    /// Skip this render if the last one was within the interval.
+    Skip,
+    /// Wait for the interval to pass, then render.
+    Wait,
+    /// Render now (the answer taking over a queue notice).
+    Now,
 }
 
 pub struct StreamedReply<S: Surface> {
     surface: Arc<S>,
     interval: Duration,
-    shown: tokio::sync::Mutex<Shown<S::Id>>,
+    shown: Arc<tokio::sync::Mutex<Shown<S::Id>>>,
     typing: Typing,
 }
 
@@ -49,56 +73,16 @@ impl<S: Surface + 'static> StreamedReply<S> {
             surface: Arc::new(surface),
             interval,
             typing: Typing::default(),
-            shown: tokio::sync::Mutex::new(Shown {
+            shown: Arc::new(tokio::sync::Mutex::new(Shown {
                 messages: Vec::new(),
+                base: 0,
                 last_edit: None,
                 finished: false,
                 placeholder: false,
-            }),
+                pending_position: None,
+                flush_scheduled: false,
+            })),
         }
-    }
-
-    /// Makes the platform show `text`: edits the messages whose part changed, posts new ones for
-    /// parts beyond them. Skipped within the interval of the last round, unless `force` (which
-    /// waits for the interval instead).
-    async fn render(&self, text: &str, force: bool) -> bool {
-        let mut shown = self.shown.lock().await;
-        if shown.finished {
-            return false;
-        }
-        if let Some(last) = shown.last_edit {
-            let since = last.elapsed();
-            if since < self.interval {
-                if !force {
-                    return false;
-                }
-                tokio::time::sleep(self.interval - since).await;
-            }
-        }
-        let parts = split_message(text, self.surface.limit());
-        for (i, part) in parts.iter().enumerate() {
-            let result = match shown.messages.get(i) {
-                Some((_, old)) if old == part => Ok(()),
-                Some((id, _)) => {
-                    let id = id.clone();
-                    self.surface
-                        .edit(i, &id, part)
-                        .await
-                        .map(|_| shown.messages[i].1 = part.clone())
-                }
-                None => self
-                    .surface
-                    .post(i, part)
-                    .await
-                    .map(|id| shown.messages.push((id, part.clone()))),
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "cannot show the reply");
-                break;
-            }
-        }
-        shown.last_edit = Some(Instant::now());
-        true
     }
 
     /// Stops the typing indicator (the reply is over, or was never started).
@@ -108,29 +92,99 @@ impl<S: Surface + 'static> StreamedReply<S> {
         }
     }
 
-    /// Waiting behind others: a notice, shown only until the reply itself starts.
+    /// Waiting behind others: a notice, shown only until the reply itself starts, at most one
+    /// edit per interval, never holding up the caller. A position that arrives too soon after
+    /// the last edit is shown when the interval has passed, unless a newer one or the reply
+    /// came first.
     async fn show_queued(&self, position: usize) {
-        let placeholder = {
-            let shown = self.shown.lock().await;
-            shown.messages.is_empty() || shown.placeholder
-        };
-        if position > 1 && placeholder {
-            self.render(&text::queued(position), true).await;
-            self.shown.lock().await.placeholder = true;
+        if position <= 1 {
+            return;
         }
+        let mut shown = self.shown.lock().await;
+        if !shown.queue_notice_allowed() {
+            return;
+        }
+        let wait = shown
+            .last_edit
+            .map(|t| self.interval.saturating_sub(t.elapsed()))
+            .unwrap_or_default();
+        if wait.is_zero() {
+            shown.pending_position = None;
+            render(&*self.surface, &mut shown, &text::queued(position)).await;
+            shown.placeholder = true;
+            return;
+        }
+        shown.pending_position = Some(position);
+        if shown.flush_scheduled {
+            return;
+        }
+        shown.flush_scheduled = true;
+        let (surface, state) = (self.surface.clone(), self.shown.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let mut shown = state.lock().await;
+            shown.flush_scheduled = false;
+            if let Some(position) = shown.pending_position.take()
+                && shown.queue_notice_allowed()
+            {
+                render(&*surface, &mut shown, &text::queued(position)).await;
+                shown.placeholder = true;
+            }
+        });
     }
 
     async fn show_update(&self, text_so_far: &str) {
-        if self.render(text_so_far, false).await {
-            self.shown.lock().await.placeholder = false;
+        let mut shown = self.shown.lock().await;
+        let pace = if shown.placeholder {
+            Pace::Now
+        } else {
+            Pace::Skip
+        };
+        if self.paced(&mut shown, pace).await {
+            render(&*self.surface, &mut shown, text_so_far).await;
+            shown.placeholder = false;
+            shown.pending_position = None;
         }
+    }
+
+    /// Whether to render now under `pace`; waits out the interval for [`Pace::Wait`].
+    async fn paced(&self, shown: &mut Shown<S::Id>, pace: Pace) -> bool {
+        if shown.finished {
+            return false;
+        }
+        if let Some(last) = shown.last_edit {
+            let since = last.elapsed();
+            if since < self.interval {
+                match pace {
+                    Pace::Skip => return false,
+                    Pace::Wait => tokio::time::sleep(self.interval - since).await,
+                    Pace::Now => {}
+                }
+            }
+        }
+        true
     }
 
     /// The whole text (an empty reply shows an ellipsis); nothing changes afterwards.
     async fn show_final(&self, text: &str) {
-        self.render(if text.trim().is_empty() { "…" } else { text }, true)
-            .await;
-        self.shown.lock().await.finished = true;
+        {
+            let mut shown = self.shown.lock().await;
+            let pace = if shown.placeholder {
+                Pace::Now
+            } else {
+                Pace::Wait
+            };
+            if self.paced(&mut shown, pace).await {
+                render(
+                    &*self.surface,
+                    &mut shown,
+                    if text.trim().is_empty() { "…" } else { text },
+                )
+                .await;
+            }
+            shown.finished = true;
+            shown.pending_position = None;
+        }
         self.end_typing().await;
     }
 
@@ -138,7 +192,10 @@ impl<S: Surface + 'static> StreamedReply<S> {
     async fn show_failure(&self, message: &str) {
         let (current, placeholder) = {
             let shown = self.shown.lock().await;
-            let text: Vec<&str> = shown.messages.iter().map(|(_, t)| t.as_str()).collect();
+            let text: Vec<&str> = shown.messages[shown.base..]
+                .iter()
+                .map(|(_, t)| t.as_str())
+                .collect();
             (text.join(""), shown.placeholder)
         };
         let text = if current.is_empty() || placeholder {
@@ -148,6 +205,47 @@ impl<S: Surface + 'static> StreamedReply<S> {
         };
         self.show_final(&text).await;
     }
+
+    /// A notice (a command's result, or a note before the answer) in messages of its own: it
+    /// takes the place of a queue notice, and the reply, if one follows, comes after it.
+    async fn show_notice(&self, notice: &str) {
+        let mut shown = self.shown.lock().await;
+        if !self.paced(&mut shown, Pace::Wait).await {
+            return;
+        }
+        render(&*self.surface, &mut shown, notice).await;
+        shown.placeholder = false;
+        shown.pending_position = None;
+        shown.base = shown.messages.len();
+    }
+}
+
+/// Makes the platform show `text` as the reply's parts after `shown.base`: edits the messages
+/// whose part changed, posts new ones for parts beyond them.
+async fn render<S: Surface>(surface: &S, shown: &mut Shown<S::Id>, text: &str) {
+    let parts = split_message(text, surface.limit());
+    for (i, part) in parts.iter().enumerate() {
+        let index = shown.base + i;
+        let result = match shown.messages.get(index) {
+            Some((_, old)) if old == part => Ok(()),
+            Some((id, _)) => {
+                let id = id.clone();
+                surface
+                    .edit(index, &id, part)
+                    .await
+                    .map(|_| shown.messages[index].1 = part.clone())
+            }
+            None => surface
+                .post(index, part)
+                .await
+                .map(|id| shown.messages.push((id, part.clone()))),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot show the reply");
+            break;
+        }
+    }
+    shown.last_edit = Some(Instant::now());
 }
 
 #[async_trait::async_trait]
@@ -179,7 +277,7 @@ impl<S: Surface + 'static> ReplySink for StreamedReply<S> {
     }
 
     async fn notice(&self, text: &str) {
-        self.show_final(text).await;
+        self.show_notice(text).await;
     }
 }
 
@@ -269,8 +367,10 @@ mod tests {
         reply.typing().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         reply.queued(2).await;
-        // Within the interval of the notice: skipped, the notice stays.
+        // The answer takes over the notice at once, even within the interval.
         reply.update("Hello").await;
+        // Within the interval of that edit: skipped.
+        reply.update("Hello there").await;
         tokio::time::sleep(Duration::from_millis(600)).await;
         reply.update("Hello you").await;
         let long = "word ".repeat(30);
@@ -281,6 +381,7 @@ mod tests {
         let mut want = vec![
             "typing true".to_string(),
             format!("post 0 {}", text::queued(2)),
+            "edit 0/0 Hello".to_string(),
             "edit 0/0 Hello you".to_string(),
             format!("edit 0/0 {}", parts[0]),
         ];
@@ -304,5 +405,70 @@ mod tests {
         reply.fail("bad").await;
         let got = log.0.lock().unwrap().clone();
         assert_eq!(got.last().unwrap(), "edit 0/0 abc\n\n⚠️ bad", "{got:?}");
+    }
+
+    /// A note before the answer (a question cut to fit) stays, and the answer follows it in
+    /// messages of its own; the reply only ends with `finish` or `fail`.
+    #[tokio::test]
+    async fn a_notice_never_ends_the_reply() {
+        let log = Log::default();
+        let reply = StreamedReply::new(log.clone(), Duration::from_millis(10));
+        reply.typing().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reply.notice("cut to fit").await;
+        reply.update("The answer").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reply.finish("The answer, whole.").await;
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![
+                "typing true".to_string(),
+                "post 0 cut to fit".to_string(),
+                "post 1 The answer".to_string(),
+                "edit 1/1 The answer, whole.".to_string(),
+                "typing false".to_string(),
+            ]
+        );
+    }
+
+    /// A queue notice never makes the caller wait for the edit interval; positions that come
+    /// too fast are folded into one edit showing the latest, and the answer replaces the notice
+    /// the moment it starts.
+    #[tokio::test]
+    async fn queue_notices_never_hold_up_the_answer() {
+        let log = Log::default();
+        let interval = Duration::from_millis(400);
+        let reply = StreamedReply::new(log.clone(), interval);
+        reply.queued(5).await;
+        let started = Instant::now();
+        reply.queued(4).await;
+        reply.queued(3).await;
+        assert!(
+            started.elapsed() < interval / 4,
+            "queue notices waited {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(interval + Duration::from_millis(150)).await;
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![
+                format!("post 0 {}", text::queued(5)),
+                format!("edit 0/0 {}", text::queued(3)),
+            ]
+        );
+        reply.queued(2).await;
+        let answer_at = Instant::now();
+        reply.update("Hi").await;
+        assert!(answer_at.elapsed() < interval / 4);
+        tokio::time::sleep(interval + Duration::from_millis(150)).await;
+        reply.finish("Hi!").await;
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(
+            &got[2..],
+            &["edit 0/0 Hi".to_string(), "edit 0/0 Hi!".to_string()],
+            "{got:?}"
+        );
     }
 }

@@ -75,7 +75,12 @@ impl Assistant {
         match self.generate(&msg, &question, question_id, config, sink).await {
             Ok(outcome) => outcome,
             Err(e) => {
-                tracing::error!(error = %e, retryable = e.is_retryable(), "answering failed");
+                // A full queue is load, not a fault: operators alert on ERROR.
+                if e.is_retryable() {
+                    tracing::warn!(error = %e, "not answered now; the user was told to retry");
+                } else {
+                    tracing::error!(error = %e, "answering failed");
+                }
                 self.observer().error(msg.key.platform, e.kind());
                 sink.fail(e.user_text()).await;
                 Outcome::Failed
