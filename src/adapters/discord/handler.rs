@@ -1,0 +1,299 @@
+//! Serenity's event handler: turns gateway events (messages, edits, deletes, slash commands,
+//! threads) into calls on the core, and decides which conversation each belongs to.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serenity::all::{
+    ChannelId, CommandDataOptionValue, CommandInteraction, Context, EventHandler, GuildChannel,
+    GuildId, Interaction, Message, MessageId, MessageType, MessageUpdateEvent, Ready, UserId,
+};
+
+use super::slash::{self, slash_requests};
+use super::surface::{Target, discord_reply};
+use super::trigger::{Facts, classify, strip_mention};
+use crate::chat::{Author, ConversationKey, Incoming, Platform, Request};
+use crate::config::DiscordSettings;
+use crate::core::Assistant;
+
+/// Serenity's event handler: turns events into calls on the core.
+pub(super) struct Handler {
+    assistant: Arc<Assistant>,
+    settings: DiscordSettings,
+    bot_id: Mutex<Option<UserId>>,
+    bot_threads: Mutex<HashSet<ChannelId>>,
+}
+
+impl Handler {
+    /// A handler that knows neither its own user (until `ready`) nor any thread it started.
+    pub(super) fn new(assistant: Arc<Assistant>, settings: DiscordSettings) -> Self {
+        Self {
+            assistant,
+            settings,
+            bot_id: Mutex::new(None),
+            bot_threads: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn bot_id(&self) -> u64 {
+        self.bot_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|u| u.get())
+            .unwrap_or(0)
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(u64::from(self.settings.edit_interval_ms.max(1)))
+    }
+
+    /// A channel is a conversation, a DM another, a thread its own: (guild, parent, thread),
+    /// so allow-lists by channel cover the channel's threads.
+    fn key(ctx: &Context, guild: Option<GuildId>, channel: ChannelId) -> ConversationKey {
+        let Some(g) = guild else {
+            return ConversationKey::new(Platform::Discord, "", &channel.to_string(), "");
+        };
+        let parent = ctx.cache.guild(g).and_then(|guild| {
+            guild
+                .threads
+                .iter()
+                .find(|t| t.id == channel)
+                .and_then(|t| t.parent_id)
+        });
+        match parent {
+            Some(p) => ConversationKey::new(
+                Platform::Discord,
+                &g.to_string(),
+                &p.to_string(),
+                &channel.to_string(),
+            ),
+            None => {
+                ConversationKey::new(Platform::Discord, &g.to_string(), &channel.to_string(), "")
+            }
+        }
+    }
+
+    async fn on_message(&self, ctx: Context, msg: Message) {
+        let bot_id = self.bot_id();
+        if bot_id == 0 {
+            return;
+        }
+        let facts = Facts {
+            bot_id,
+            content: &msg.content,
+            author_is_bot: msg.author.bot,
+            is_regular: matches!(msg.kind, MessageType::Regular | MessageType::InlineReply),
+            is_dm: msg.guild_id.is_none(),
+            mentions_bot: msg.mentions.iter().any(|u| u.id.get() == bot_id),
+            replies_to_bot: msg
+                .referenced_message
+                .as_ref()
+                .is_some_and(|r| r.author.id.get() == bot_id),
+            in_bot_thread: self
+                .bot_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&msg.channel_id),
+            always_answer: self
+                .settings
+                .always_answer
+                .contains(&msg.channel_id.to_string()),
+            prefix: &self.settings.command_prefix,
+        };
+        let Some(request) = classify(&facts).into_request() else {
+            return;
+        };
+        let name = msg
+            .member
+            .as_ref()
+            .and_then(|m| m.nick.clone())
+            .or_else(|| msg.author.global_name.clone())
+            .unwrap_or_else(|| msg.author.name.clone());
+        let incoming = Incoming {
+            key: Self::key(&ctx, msg.guild_id, msg.channel_id),
+            author: Author {
+                id: msg.author.id.to_string(),
+                name,
+                roles: msg
+                    .member
+                    .as_ref()
+                    .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
+                    .unwrap_or_default(),
+            },
+            request,
+            message_id: Some(msg.id.to_string()),
+            is_private: msg.guild_id.is_none(),
+            remember: true,
+        };
+        let sink = discord_reply(
+            ctx.http.clone(),
+            Target::Channel {
+                channel: msg.channel_id,
+                reply_to: Some(msg.id),
+            },
+            self.interval(),
+            0,
+        );
+        self.assistant.handle(incoming, &sink).await;
+    }
+
+    async fn on_command(&self, ctx: Context, cmd: CommandInteraction) {
+        let option = |name: &str| {
+            cmd.data
+                .options
+                .iter()
+                .find(|o| o.name == name)
+                .map(|o| &o.value)
+        };
+        let private = matches!(
+            option("private"),
+            Some(CommandDataOptionValue::Boolean(true))
+        );
+        let Some(requests) = slash_requests(&cmd.data.name, &option) else {
+            tracing::warn!(command = %cmd.data.name, "unknown or incomplete slash command");
+            return;
+        };
+        // Discord wants an answer within 3 s: defer at once, then edit the response.
+        let ephemeral = private || cmd.data.name != "ask";
+        let deferred = if ephemeral {
+            cmd.defer_ephemeral(&ctx.http).await
+        } else {
+            cmd.defer(&ctx.http).await
+        };
+        if let Err(e) = deferred {
+            tracing::error!(error = %e, "cannot acknowledge the interaction");
+            return;
+        }
+        let name = cmd
+            .member
+            .as_ref()
+            .and_then(|m| m.nick.clone())
+            .or_else(|| cmd.user.global_name.clone())
+            .unwrap_or_else(|| cmd.user.name.clone());
+        let roles: Vec<String> = cmd
+            .member
+            .as_ref()
+            .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
+            .unwrap_or_default();
+        for (i, request) in requests.into_iter().enumerate() {
+            let is_question = matches!(request, Request::Question(_));
+            let incoming = Incoming {
+                key: Self::key(&ctx, cmd.guild_id, cmd.channel_id),
+                author: Author {
+                    id: cmd.user.id.to_string(),
+                    name: name.clone(),
+                    roles: roles.clone(),
+                },
+                request,
+                message_id: is_question.then(|| format!("interaction-{}", cmd.id)),
+                is_private: cmd.guild_id.is_none(),
+                remember: !private,
+            };
+            // Later parts of one /settings call answer in follow-ups below the first.
+            let sink = discord_reply(
+                ctx.http.clone(),
+                Target::Interaction {
+                    interaction: Box::new(cmd.clone()),
+                    ephemeral,
+                },
+                self.interval(),
+                i,
+            );
+            self.assistant.handle(incoming, &sink).await;
+        }
+    }
+}
+
+#[serenity::async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, ctx: Context, ready: Ready) {
+        *self.bot_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(ready.user.id);
+        tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
+        let commands = slash::commands();
+        let result = if self.settings.command_guilds.is_empty() {
+            serenity::all::Command::set_global_commands(&ctx.http, commands)
+                .await
+                .map(|_| ())
+        } else {
+            let mut result = Ok(());
+            for g in &self.settings.command_guilds {
+                match g.parse::<u64>() {
+                    Ok(id) if id != 0 => {
+                        if let Err(e) = GuildId::new(id)
+                            .set_commands(&ctx.http, commands.clone())
+                            .await
+                        {
+                            result = Err(e);
+                        }
+                    }
+                    _ => tracing::error!(guild = %g, "discord.command_guilds: not a guild id"),
+                }
+            }
+            result
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot register slash commands");
+        }
+    }
+
+    async fn message(&self, ctx: Context, msg: Message) {
+        self.on_message(ctx, msg).await;
+    }
+
+    async fn message_update(
+        &self,
+        _ctx: Context,
+        _old: Option<Message>,
+        _new: Option<Message>,
+        event: MessageUpdateEvent,
+    ) {
+        let Some(content) = event.content else { return };
+        let text = strip_mention(&content, self.bot_id());
+        match self
+            .assistant
+            .message_edited(Platform::Discord, &event.id.to_string(), &text)
+            .await
+        {
+            Ok(true) => tracing::info!(message = %event.id, "question edited"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot apply an edit"),
+        }
+    }
+
+    async fn message_delete(
+        &self,
+        _ctx: Context,
+        _channel: ChannelId,
+        id: MessageId,
+        _guild: Option<GuildId>,
+    ) {
+        match self
+            .assistant
+            .message_deleted(Platform::Discord, &id.to_string())
+            .await
+        {
+            Ok(true) => tracing::info!(message = %id, "question deleted"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot apply a delete"),
+        }
+    }
+
+    async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
+        if let Interaction::Command(cmd) = interaction {
+            self.on_command(ctx, cmd).await;
+        }
+    }
+
+    async fn thread_create(&self, _ctx: Context, thread: GuildChannel) {
+        if thread
+            .owner_id
+            .is_some_and(|o| Some(o) == *self.bot_id.lock().unwrap_or_else(|e| e.into_inner()))
+        {
+            self.bot_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(thread.id);
+        }
+    }
+}
