@@ -22,7 +22,7 @@ const ADMIN: u64 = 5999;
 struct Bot {
     fake: FakeDiscord,
     store: Store,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), synthia_bot::adapters::ConnectError>>,
     _dir: tempfile::TempDir,
 }
 
