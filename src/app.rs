@@ -92,4 +92,3 @@ pub async fn reload_signal(hangup: &mut Option<tokio::signal::unix::Signal>) {
         None => std::future::pending::<()>().await,
     }
 }
-

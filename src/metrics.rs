@@ -183,7 +183,10 @@ impl Observer for Metrics {
 
     fn refused(&self, platform: Platform, reason: &'static str) {
         self.refused
-            .get_or_create(&labels(&[("platform", platform.as_str()), ("reason", reason)]))
+            .get_or_create(&labels(&[
+                ("platform", platform.as_str()),
+                ("reason", reason),
+            ]))
             .inc();
     }
 
@@ -203,7 +206,10 @@ impl Observer for Metrics {
         };
         let p = labels(&[("platform", platform.as_str())]);
         self.answered
-            .get_or_create(&labels(&[("platform", platform.as_str()), ("finish", finish)]))
+            .get_or_create(&labels(&[
+                ("platform", platform.as_str()),
+                ("finish", finish),
+            ]))
             .inc();
         self.tokens_generated
             .get_or_create(&p)

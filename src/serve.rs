@@ -204,7 +204,10 @@ pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Resul
                 tracing::error!(platform = p.platform().as_str(), error = %e, "cannot connect; this platform stays off until the configuration is fixed");
                 refused.push(format!("{}: {e}", p.platform().as_str()));
             }
-            Err(_) => refused.push(format!("{}: the connection task ended", p.platform().as_str())),
+            Err(_) => refused.push(format!(
+                "{}: the connection task ended",
+                p.platform().as_str()
+            )),
         }
     }
     if up + retrying == 0 {

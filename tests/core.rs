@@ -6,11 +6,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use synthia_bot::config::Settings;
 use synthia_bot::chat::{Author, Incoming, Request};
+use synthia_bot::chat::{ConversationKey, Platform, Role};
+use synthia_bot::config::Settings;
 use synthia_bot::core::{Assistant, Outcome, ReplySink, text};
 use synthia_bot::inference::{FinishReason, Worker, WorkerOptions};
-use synthia_bot::chat::{ConversationKey, Platform, Role};
 use synthia_bot::memory::{Status, Store};
 
 #[derive(Debug, Clone, PartialEq)]

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use fake_discord::{BOT_ID, CHANNEL, Call, DM_CHANNEL, FakeDiscord, GUILD};
 use serde_json::{Value, json};
 use synthia_bot::adapters::discord::DiscordClient;
+use synthia_bot::chat::{ConversationKey, Platform, Role};
 use synthia_bot::config::Settings;
 use synthia_bot::core::{Assistant, text};
 use synthia_bot::inference::WorkerOptions;
-use synthia_bot::chat::{ConversationKey, Platform, Role};
 use synthia_bot::memory::Store;
 
 const ALICE: (u64, &str) = (5001, "alice");
@@ -67,7 +67,12 @@ async fn start(edit: impl FnOnce(&mut Settings)) -> Bot {
 }
 
 fn channel_key() -> ConversationKey {
-    ConversationKey::new(Platform::Discord, &GUILD.to_string(), &CHANNEL.to_string(), "")
+    ConversationKey::new(
+        Platform::Discord,
+        &GUILD.to_string(),
+        &CHANNEL.to_string(),
+        "",
+    )
 }
 
 async fn stored_reply_to(store: &Store, key: &ConversationKey, question: &str) -> Option<String> {

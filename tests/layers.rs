@@ -23,12 +23,22 @@ const RULES: &[(&str, &[&str])] = &[
     ("bench", &["config", "inference"]),
     (
         "serve",
-        &["adapters", "app", "chat", "config", "core", "metrics", "service"],
+        &[
+            "adapters", "app", "chat", "config", "core", "metrics", "service",
+        ],
     ),
     (
         "cli",
         &[
-            "adapters", "app", "bench", "chat", "config", "core", "inference", "memory", "prompt",
+            "adapters",
+            "app",
+            "bench",
+            "chat",
+            "config",
+            "core",
+            "inference",
+            "memory",
+            "prompt",
         ],
     ),
 ];
@@ -146,7 +156,10 @@ fn layers_only_point_down() {
         "imports against the layering:\n{}",
         violations
             .iter()
-            .map(|v| format!("  {}:{}: {} may not use crate::{}", v.file, v.line, v.from, v.to))
+            .map(|v| format!(
+                "  {}:{}: {} may not use crate::{}",
+                v.file, v.line, v.from, v.to
+            ))
             .collect::<Vec<_>>()
             .join("\n")
     );

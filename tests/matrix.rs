@@ -15,8 +15,8 @@ use matrix_sdk::ruma::events::room::message::{
 };
 use matrix_sdk::ruma::{OwnedEventId, OwnedUserId, RoomId};
 use synapse::{Human, Reply, Synapse};
-use synthia_bot::core::text;
 use synthia_bot::chat::{ConversationKey, Platform, Role};
+use synthia_bot::core::text;
 use synthia_bot::memory::{Status, Store};
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -180,7 +180,12 @@ async fn serves_discord_and_matrix_at_once() {
     )
     .await
     .unwrap();
-    let discord_key = ConversationKey::new(Platform::Discord, &GUILD.to_string(), &CHANNEL.to_string(), "");
+    let discord_key = ConversationKey::new(
+        Platform::Discord,
+        &GUILD.to_string(),
+        &CHANNEL.to_string(),
+        "",
+    );
     let (_, status) = wait_stored(&store, &discord_key, "8101").await;
     assert!(
         matches!(status, Status::Complete),
@@ -366,7 +371,12 @@ async fn broken_setups_say_what_is_wrong() {
     )
     .await
     .unwrap();
-    let key = ConversationKey::new(Platform::Discord, &GUILD.to_string(), &CHANNEL.to_string(), "");
+    let key = ConversationKey::new(
+        Platform::Discord,
+        &GUILD.to_string(),
+        &CHANNEL.to_string(),
+        "",
+    );
     wait_stored(&store, &key, "8201").await;
     daemon.sigterm();
     let status = daemon.wait_exit(Duration::from_secs(30)).await;

@@ -20,7 +20,9 @@ pub struct ConversationKey {
 /// A conversation key that does not read as one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("invalid conversation key `{0}` (expected platform:channel, platform:space:channel or platform:space:channel:thread)")]
+    #[error(
+        "invalid conversation key `{0}` (expected platform:channel, platform:space:channel or platform:space:channel:thread)"
+    )]
     Malformed(String),
     #[error("invalid conversation key: {0}")]
     Platform(#[from] UnknownPlatform),

@@ -50,7 +50,10 @@ mod tests {
     #[test]
     fn prefix_rule() {
         assert_eq!(strip_command_prefix("!reset", "!"), Some("reset"));
-        assert_eq!(strip_command_prefix("!system be brief ", "!"), Some("system be brief"));
+        assert_eq!(
+            strip_command_prefix("!system be brief ", "!"),
+            Some("system be brief")
+        );
         assert_eq!(strip_command_prefix("!!!", "!"), None);
         assert_eq!(strip_command_prefix("! reset", "!"), None);
         assert_eq!(strip_command_prefix("reset", ""), None);

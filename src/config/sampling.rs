@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
+use crate::chat::command::TEMPERATURE_RANGE;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -37,10 +38,15 @@ impl Default for SamplingSettings {
 impl SamplingSettings {
     /// Written so that NaN fails every range, not just the ones that mention it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(0.0..=5.0).contains(&self.temperature) || self.temperature.is_nan() {
+        // The same range `/set temperature` allows in a conversation.
+        if !TEMPERATURE_RANGE.contains(&self.temperature) {
             return Err(ConfigError::new(
                 "sampling.temperature",
-                "must be between 0 and 5 (0 = greedy)",
+                format!(
+                    "must be between {} and {} (0 = greedy)",
+                    TEMPERATURE_RANGE.start(),
+                    TEMPERATURE_RANGE.end()
+                ),
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {

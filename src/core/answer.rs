@@ -3,7 +3,9 @@
 
 use super::{Answering, Assistant, CoreConfig, CoreError, Outcome, ReplyReport, ReplySink, text};
 use crate::chat::{Incoming, Role};
-use crate::inference::{FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError};
+use crate::inference::{
+    FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError,
+};
 use crate::memory::{Appended, NewUserTurn, Status};
 use crate::prompt::Turn;
 
@@ -72,7 +74,10 @@ impl Assistant {
         // One generation per conversation at a time; later messages wait in arrival order.
         let lock = self.conversation_lock(&msg.key);
         let _turn = lock.lock().await;
-        match self.generate(&msg, &question, question_id, config, sink).await {
+        match self
+            .generate(&msg, &question, question_id, config, sink)
+            .await
+        {
             Ok(outcome) => outcome,
             Err(e) => {
                 // A full queue is load, not a fault: operators alert on ERROR.

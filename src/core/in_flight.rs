@@ -22,7 +22,12 @@ impl InFlight {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn track(&self, key: &ConversationKey, message_id: Option<String>, cancel: CancelToken) {
+    pub(super) fn track(
+        &self,
+        key: &ConversationKey,
+        message_id: Option<String>,
+        cancel: CancelToken,
+    ) {
         self.map()
             .entry(key.clone())
             .or_default()
@@ -65,6 +70,9 @@ impl InFlight {
     }
 
     pub(super) fn cancel_all(&self) {
-        self.map().values().flatten().for_each(|f| f.cancel.cancel());
+        self.map()
+            .values()
+            .flatten()
+            .for_each(|f| f.cancel.cancel());
     }
 }

@@ -2,7 +2,9 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::records::{CONVERSATION_COLUMNS, Conversation, ConversationSettings, conversation_from_row};
+use super::records::{
+    CONVERSATION_COLUMNS, Conversation, ConversationSettings, conversation_from_row,
+};
 use super::{MemoryError, Result, Store, now_ms};
 use crate::chat::ConversationKey;
 
@@ -20,16 +22,16 @@ impl Store {
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
-        self.find_conversation(key)
-            .await?
-            .ok_or_else(|| MemoryError::Corrupt(format!("no row for {key} right after creating it")))
+        self.find_conversation(key).await?.ok_or_else(|| {
+            MemoryError::Corrupt(format!("no row for {key} right after creating it"))
+        })
     }
 
     pub async fn find_conversation(&self, key: &ConversationKey) -> Result<Option<Conversation>> {
-        let row = sqlx::query(
-            AssertSqlSafe(format!("SELECT {CONVERSATION_COLUMNS} FROM conversations
-             WHERE platform = ? AND space = ? AND channel = ? AND thread = ?")),
-        )
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations
+             WHERE platform = ? AND space = ? AND channel = ? AND thread = ?"
+        )))
         .bind(key.platform.as_str())
         .bind(&key.space)
         .bind(&key.channel)
@@ -40,9 +42,9 @@ impl Store {
     }
 
     pub async fn conversations(&self) -> Result<Vec<Conversation>> {
-        let rows = sqlx::query(
-            AssertSqlSafe(format!("SELECT {CONVERSATION_COLUMNS} FROM conversations ORDER BY id")),
-        )
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations ORDER BY id"
+        )))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(conversation_from_row).collect()

@@ -145,4 +145,3 @@ pub(super) fn message_from_row(r: &sqlx::sqlite::SqliteRow) -> StoredMessage {
         edited_at: r.get(12),
     }
 }
-

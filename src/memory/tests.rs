@@ -206,11 +206,17 @@ async fn a_held_write_lock_is_retryable() {
     let store = Store::open(path.to_str().unwrap(), Duration::from_millis(50))
         .await
         .unwrap();
-    let conv = store.conversation(&ConversationKey::console("lock")).await.unwrap();
+    let conv = store
+        .conversation(&ConversationKey::console("lock"))
+        .await
+        .unwrap();
     let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
-    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut other).await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
     let err = store
         .append_user(&conv, &user("blocked", None))
         .await

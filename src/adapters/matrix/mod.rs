@@ -34,8 +34,8 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::stream::{StreamedReply, Surface};
-use crate::config::MatrixSettings;
 use crate::chat::{Author, ConversationKey, Incoming, Platform};
+use crate::config::MatrixSettings;
 use crate::core::{Assistant, text};
 use trigger::Facts;
 
