@@ -7,6 +7,7 @@
 //! streams from the one [`inference`] worker. The core never imports an adapter.
 
 pub mod adapters;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod core;

@@ -19,6 +19,7 @@ pub use access::Access;
 pub use commands::{Command, CommandError, Setting};
 
 use crate::config::{PromptSettings, SamplingSettings, Settings};
+use crate::inference::tokenizer::TextTokenizer;
 use crate::inference::{
     CancelToken, FinishReason, GenerationEvent, GenerationRequest, SamplingParams, Worker,
     WorkerError,
@@ -27,7 +28,7 @@ use crate::memory::{
     Appended, Conversation, ConversationKey, MemoryError, NewUserTurn, Role, Status, Store,
     StoredMessage,
 };
-use crate::prompt::{BuiltPrompt, PromptError, TextTokenizer, Turn, budget::BudgetParams};
+use crate::prompt::{BuiltPrompt, PromptError, Turn, budget::BudgetParams};
 
 /// Who wrote a message.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -3,8 +3,8 @@
 //! the oldest whole exchanges go first, in chunks, so the prompt's beginning (and the worker's
 //! cached computation of it) stays the same for several turns.
 
-use super::tokens::{TextTokenizer, TokenizerError};
 use super::{GENERATION_CUE, system_line, turn_line};
+use crate::inference::tokenizer::{TextTokenizer, TokenizerError};
 use crate::memory::Role;
 
 /// Appended to a message that had to be cut to fit; the model and the operator both see it.
@@ -221,8 +221,8 @@ fn cut_to_fit(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tokens::test_support::llama2;
     use super::*;
+    use crate::inference::tokenizer::test_support::llama2;
 
     fn conversation(n_exchanges: usize) -> Vec<Turn> {
         let mut turns = Vec::new();
