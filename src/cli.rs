@@ -12,10 +12,10 @@ use crate::app::{load_worker, open_store};
 use crate::chat::{ConversationKey, Role};
 use crate::config::Settings;
 use crate::core::{Assistant, Prompter};
+use crate::inference::tokenizer::TextTokenizer;
 use crate::inference::{
     self, GenerationEvent, GenerationRequest, SamplingParams, Worker, WorkerOptions,
 };
-use crate::prompt::TextTokenizer;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,7 +47,7 @@ pub enum Command {
     /// One raw completion to stdout, for scripts and for checking a model.
     Generate(GenerateArgs),
     /// Measure load time, prefill, decode, cache reuse, concurrency and memory.
-    Bench(inference::bench::BenchArgs),
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,9 +122,9 @@ fn tokenizer_for(settings: &Settings) -> anyhow::Result<(Arc<TextTokenizer>, usi
     }
     let model = Path::new(&m.path);
     let explicit = (!m.tokenizer.is_empty()).then(|| Path::new(&m.tokenizer));
-    let path = inference::loader::tokenizer_path(model, explicit);
+    let path = inference::load::tokenizer_path(model, explicit);
     // The model's own window may be smaller than the configured one, as the worker also finds.
-    let context = inference::loader::declared_context(model)
+    let context = inference::load::declared_context(model)
         .map_or(m.context_length as usize, |max| {
             max.min(m.context_length as usize)
         });

@@ -8,6 +8,7 @@
 
 pub mod adapters;
 pub mod app;
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod config;

@@ -44,14 +44,13 @@ fn main() -> ExitCode {
             Command::Bench(args) => {
                 let json = args.json;
                 let report =
-                    tokio::task::spawn_blocking(move || synthia_bot::inference::bench::run(&args))
-                        .await??;
+                    tokio::task::spawn_blocking(move || synthia_bot::bench::run(&args)).await??;
                 let mut out = std::io::stdout().lock();
                 if json {
                     serde_json::to_writer_pretty(&mut out, &report)?;
                     println!();
                 } else {
-                    synthia_bot::inference::bench::print_human(&report, &mut out)?;
+                    synthia_bot::bench::print_human(&report, &mut out)?;
                 }
                 Ok(())
             }

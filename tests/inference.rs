@@ -229,7 +229,7 @@ fn worker_reuses_a_conversations_cache_and_evicts_lru() {
     );
 
     // A budget that holds one conversation: the least recently used one is evicted.
-    let shape = synthia_bot::inference::testmodel::named_shape("tiny").unwrap();
+    let shape = synthia_bot::bench::random_model::named_shape("tiny").unwrap();
     // Caches grow in 256-position blocks: room for one block, not two.
     let one = (shape.kv_bytes_per_token(DType::F32) * 384) as u64;
     let small = worker(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use super::CoreError;
 use crate::chat::Role;
 use crate::config::PromptSettings;
+use crate::inference::tokenizer::TextTokenizer;
 use crate::memory::{Conversation, Status, Store, StoredMessage, pair_answers};
-use crate::prompt::TextTokenizer;
 use crate::prompt::{BuiltPrompt, Turn, budget::BudgetParams};
 
 /// Builds prompts with the model's tokenizer and window.

@@ -1,11 +1,11 @@
-//! The inference worker: one OS thread owns the model and serves every conversation of every
-//! platform, fairly, streaming text back. It knows nothing of chat platforms.
+//! The inference engine: loading a model and its tokenizer, and the worker, one OS thread that
+//! owns the model and serves every conversation of every platform, fairly, streaming text back.
+//! It knows nothing of chat platforms, prompts or memory.
 
-pub mod bench;
-pub mod loader;
+pub mod load;
 pub mod model;
 pub mod stop;
-pub mod testmodel;
+pub mod tokenizer;
 mod worker;
 
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-pub use loader::{LoadError, LoadOptions, LoadedModel, WeightFormat, load, load_from_settings};
+pub use load::{LoadError, LoadOptions, LoadedModel, WeightFormat, load, load_from_settings};
 pub use model::{LlamaModel, LlamaShape, SeqCache};
 pub use worker::{Worker, WorkerOptions};
 

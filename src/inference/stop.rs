@@ -1,6 +1,8 @@
 //! Stop rules over streamed text: a stop string may arrive split across tokens, so text that
 //! could still become one is held back and never shown.
 
+use super::tokenizer::TextTokenizer;
+
 /// Turns generated ids into text pieces that never split a character (byte-fallback tokens
 /// of one character arrive together), keeping leading spaces that per-token decoding loses.
 ///
@@ -20,11 +22,7 @@ impl TextStream {
     /// The longest UTF-8 character, in byte tokens.
     const MAX_PENDING: usize = 4;
 
-    pub fn step(
-        &mut self,
-        tok: &crate::prompt::TextTokenizer,
-        id: u32,
-    ) -> Result<Option<String>, String> {
+    pub fn step(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>, String> {
         self.pending.push(id);
         let decode = |ids: &[u32]| tok.decode(ids).map_err(|e| e.to_string());
         let before = decode(&self.context)?;
@@ -147,16 +145,9 @@ impl StopScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inference::tokenizer::test_support::llama2 as tokenizer;
 
-    fn tokenizer() -> crate::prompt::TextTokenizer {
-        crate::prompt::TextTokenizer::from_file(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/llama2-tokenizer/tokenizer.json"),
-        )
-        .unwrap()
-    }
-
-    fn stream_all(tok: &crate::prompt::TextTokenizer, ids: &[u32]) -> String {
+    fn stream_all(tok: &TextTokenizer, ids: &[u32]) -> String {
         let mut s = TextStream::default();
         ids.iter()
             .filter_map(|&id| s.step(tok, id).unwrap())
@@ -186,8 +177,9 @@ mod tests {
         assert_eq!(shown.matches("site").count(), 2, "{shown:?}");
     }
 
+    /// The chat's role lines, as the prompt layer passes them.
     fn stops() -> Vec<String> {
-        crate::prompt::ROLE_STOPS
+        ["\nUSER:", "\nSYSTEM:", "\nASSISTANT:"]
             .iter()
             .map(|s| s.to_string())
             .collect()

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
-use super::loader::LoadedModel;
+use super::load::LoadedModel;
 use super::model::{BatchItem, LlamaModel, SeqCache};
 use super::stop::{Scan, StopScanner, TextStream};
+use super::tokenizer::TextTokenizer;
 use super::{
     CancelToken, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest,
     GenerationResult, WorkerError,
 };
-use crate::prompt::TextTokenizer;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {

@@ -3,9 +3,9 @@
 //! the oldest whole exchanges go first, in chunks, so the prompt's beginning (and the worker's
 //! cached computation of it) stays the same for several turns.
 
-use super::tokens::{TextTokenizer, TokenizerError};
 use super::{GENERATION_CUE, system_line, turn_line};
 use crate::chat::Role;
+use crate::inference::tokenizer::{TextTokenizer, TokenizerError};
 
 /// Appended to a message that had to be cut to fit; the model and the operator both see it.
 pub const CUT_MARKER: &str = " [… message cut to fit the context window]";
@@ -221,8 +221,8 @@ fn cut_to_fit(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tokens::test_support::llama2;
     use super::*;
+    use crate::inference::tokenizer::test_support::llama2;
 
     fn conversation(n_exchanges: usize) -> Vec<Turn> {
         let mut turns = Vec::new();

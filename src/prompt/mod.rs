@@ -3,10 +3,8 @@
 //! User text can never forge a role line or a control token.
 
 pub mod budget;
-pub mod tokens;
 
 pub use budget::{BuiltPrompt, PromptError, Turn, build};
-pub use tokens::{TextTokenizer, TokenizerError};
 
 use crate::chat::Role;
 

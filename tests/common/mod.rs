@@ -6,8 +6,8 @@ pub mod daemon;
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
+use synthia_bot::bench::random_model::{self, GgufPreset};
 use synthia_bot::config::DTypeChoice;
-use synthia_bot::inference::testmodel::{self, GgufPreset};
 use synthia_bot::inference::{LoadOptions, Worker, WorkerOptions, load};
 
 pub const SEED: u64 = 7;
@@ -17,7 +17,8 @@ pub fn tokenizer_path() -> PathBuf {
 }
 
 fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("models-v{}", testmodel::GENERATOR_VERSION))
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("models-v{}", random_model::GENERATOR_VERSION))
 }
 
 /// Writes `name` once (tests run in parallel processes: write aside, then rename into place).
@@ -48,25 +49,25 @@ fn once(name: &str, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> PathBuf 
 /// The tiny random Llama in the Hugging Face layout (f32, one file).
 pub fn tiny_hf() -> PathBuf {
     once("tiny-hf", |dir| {
-        let shape = testmodel::named_shape("tiny").unwrap();
-        testmodel::write_hf_dir(dir, &shape, SEED, &tokenizer_path(), 1, DType::F32)
+        let shape = random_model::named_shape("tiny").unwrap();
+        random_model::write_hf_dir(dir, &shape, SEED, &tokenizer_path(), 1, DType::F32)
     })
 }
 
 /// The same weights in three shards with an index.
 pub fn tiny_sharded() -> PathBuf {
     once("tiny-sharded", |dir| {
-        let shape = testmodel::named_shape("tiny").unwrap();
-        testmodel::write_hf_dir(dir, &shape, SEED, &tokenizer_path(), 3, DType::F32)
+        let shape = random_model::named_shape("tiny").unwrap();
+        random_model::write_hf_dir(dir, &shape, SEED, &tokenizer_path(), 3, DType::F32)
     })
 }
 
 /// The same weights as GGUF, with the tokenizer beside it.
 pub fn tiny_gguf(preset: &str) -> PathBuf {
     let dir = once(&format!("tiny-gguf-{preset}"), |dir| {
-        let shape = testmodel::named_shape("tiny").unwrap();
+        let shape = random_model::named_shape("tiny").unwrap();
         std::fs::copy(tokenizer_path(), dir.join("tokenizer.json"))?;
-        testmodel::write_gguf(
+        random_model::write_gguf(
             &dir.join("model.gguf"),
             &shape,
             SEED,

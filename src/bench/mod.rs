@@ -1,5 +1,9 @@
 //! `synthia-bot bench`: load time, prefill and decode speed, what the conversation cache saves
-//! on a follow-up turn, throughput with concurrent conversations, and peak memory.
+//! on a follow-up turn, throughput with concurrent conversations, and peak memory. It drives the
+//! engine from outside, like any other caller.
+
+pub mod random_model;
+mod report;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -7,11 +11,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use candle_core::DType;
 use clap::Args;
-use serde::Serialize;
 
-use super::testmodel::{self, GgufPreset};
-use super::{GenerationRequest, LoadOptions, SamplingParams, Worker, WorkerOptions, load};
+pub use report::{BenchReport, ConcurrencyFigure, print_human};
+
+use self::random_model::GgufPreset;
 use crate::config::{DTypeChoice, DeviceChoice};
+use crate::inference::model::argmax;
+use crate::inference::tokenizer::TextTokenizer;
+use crate::inference::{
+    GenerationEvent, GenerationRequest, LlamaShape, LoadOptions, SamplingParams, WeightFormat,
+    Worker, WorkerOptions, load,
+};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -61,17 +71,6 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Serialize)]
-pub struct ConcurrencyFigure {
-    pub conversations: usize,
-    pub batched: bool,
-    /// All tokens over the whole run, prompt reading included.
-    pub aggregate_tokens_per_s: f64,
-    /// All tokens over the time some conversation was decoding (prompt reading excluded).
-    pub aggregate_decode_tokens_per_s: f64,
-    pub per_conversation_tokens_per_s: f64,
-}
-
 /// Total length of the union of time intervals.
 fn covered(mut spans: Vec<(f64, f64)>) -> f64 {
     spans.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -93,37 +92,7 @@ fn covered(mut spans: Vec<(f64, f64)>) -> f64 {
     total
 }
 
-#[derive(Debug, Serialize)]
-pub struct BenchReport {
-    pub model: String,
-    pub format: String,
-    pub device: String,
-    pub threads: usize,
-    pub parameters: usize,
-    pub weight_bytes: u64,
-    pub load_s: f64,
-    pub prefill_tokens: usize,
-    pub prefill_tokens_per_s: f64,
-    pub decode_tokens: usize,
-    pub decode_tokens_per_s: f64,
-    /// candle-transformers' stock Llama, same weights and steps (with --reference).
-    pub reference_decode_tokens_per_s: Option<f64>,
-    pub follow_up_ttft_cached_ms: f64,
-    pub follow_up_ttft_uncached_ms: f64,
-    pub cache_speedup: f64,
-    pub concurrency: Vec<ConcurrencyFigure>,
-    /// First token of a new 64-token request arriving while 8 conversations decode (batched).
-    pub join_ttft_ms: Option<f64>,
-    /// Resident memory right after loading.
-    pub load_rss_bytes: u64,
-    /// Resident memory once the model is loaded and has decoded one reply (weights, repacked
-    /// kernels, one conversation's cache).
-    pub model_rss_bytes: u64,
-    /// Peak over the whole run, including the attention caches of every benchmark conversation.
-    pub peak_rss_bytes: u64,
-}
-
-fn parameters(shape: &super::LlamaShape) -> usize {
+fn parameters(shape: &LlamaShape) -> usize {
     let h = shape.hidden_size;
     let kv = shape.num_kv_heads * shape.head_dim;
     let q = shape.num_heads * shape.head_dim;
@@ -154,8 +123,8 @@ fn proc_status_bytes(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
-    let shape = testmodel::named_shape(shape_name).context("unknown shape")?;
+fn write_random_once(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
+    let shape = random_model::named_shape(shape_name).context("unknown shape")?;
     if !args.tokenizer.exists() {
         bail!(
             "tokenizer {} not found; pass --tokenizer with the Llama-2 tokenizer.json",
@@ -169,7 +138,7 @@ fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
         Some(preset) => {
             let folder = dir.join(format!(
                 "{shape_name}-{preset}-v{}",
-                testmodel::GENERATOR_VERSION
+                random_model::GENERATOR_VERSION
             ));
             let file = folder.join("model.gguf");
             if !file.exists() {
@@ -179,7 +148,7 @@ fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
                     file.display()
                 );
                 let p = GgufPreset::parse(preset).context("unknown GGUF type")?;
-                testmodel::write_gguf(&file, &shape, SEED, p)?;
+                random_model::write_gguf(&file, &shape, SEED, p)?;
                 std::fs::copy(&args.tokenizer, folder.join("tokenizer.json"))?;
             }
             Ok(file)
@@ -187,7 +156,7 @@ fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
         None => {
             let folder = dir.join(format!(
                 "{shape_name}-safetensors-v{}",
-                testmodel::GENERATOR_VERSION
+                random_model::GENERATOR_VERSION
             ));
             if !folder.join("model.safetensors").exists() {
                 eprintln!("writing random {shape_name} model to {}", folder.display());
@@ -196,7 +165,7 @@ fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
                 } else {
                     DType::F32
                 };
-                testmodel::write_hf_dir(&folder, &shape, SEED, &args.tokenizer, 1, dtype)?;
+                random_model::write_hf_dir(&folder, &shape, SEED, &args.tokenizer, 1, dtype)?;
             }
             Ok(folder)
         }
@@ -204,7 +173,7 @@ fn random_model(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Prompt ids of exactly `n` tokens (BOS first) from ordinary English text.
-fn synthetic_prompt(tok: &crate::prompt::TextTokenizer, n: usize) -> anyhow::Result<Vec<u32>> {
+fn synthetic_prompt(tok: &TextTokenizer, n: usize) -> anyhow::Result<Vec<u32>> {
     let para = "The river ran through the valley, past farms and mills, and the people who lived along it \
                 told stories of floods and droughts, of harvests and of the long winters when the water froze. ";
     let mut ids = vec![tok.bos()];
@@ -218,7 +187,7 @@ fn synthetic_prompt(tok: &crate::prompt::TextTokenizer, n: usize) -> anyhow::Res
 pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let path = match (&args.model, &args.random) {
         (Some(p), _) => p.clone(),
-        (None, Some(shape)) => random_model(args, shape)?,
+        (None, Some(shape)) => write_random_once(args, shape)?,
         (None, None) => bail!("pass --model PATH or --random tiny|small|7b"),
     };
     let opts = LoadOptions {
@@ -251,7 +220,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let prefill = t.elapsed();
     let t = Instant::now();
     for _ in 0..args.decode_tokens {
-        let next = super::model::argmax(&logits)?;
+        let next = argmax(&logits)?;
         logits = model.forward(&[next], &mut cache)?;
     }
     let decode = t.elapsed();
@@ -268,17 +237,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     model.prefill(&history, &mut cached, 512)?;
     let t = Instant::now();
     let (l, _) = model.prefill(&follow, &mut cached, 512)?;
-    super::model::argmax(&l)?;
+    argmax(&l)?;
     let ttft_cached = t.elapsed();
     let mut fresh = model.new_cache();
     let t = Instant::now();
     let (l, _) = model.prefill(&follow, &mut fresh, 512)?;
-    super::model::argmax(&l)?;
+    argmax(&l)?;
     let ttft_uncached = t.elapsed();
     drop((cache, cached, fresh));
 
     let reference = match (&loaded.format, args.reference) {
-        (super::WeightFormat::Safetensors { dtype, files: 1 }, true) => Some(reference_decode(
+        (WeightFormat::Safetensors { dtype, files: 1 }, true) => Some(reference_decode(
             &path,
             *dtype,
             model.device(),
@@ -359,10 +328,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         // Wait until all eight are decoding.
         for h in running.iter_mut() {
             while let Some(ev) = h.blocking_next() {
-                if matches!(
-                    ev,
-                    super::GenerationEvent::Delta(_) | super::GenerationEvent::Finished(_)
-                ) {
+                if matches!(ev, GenerationEvent::Delta(_) | GenerationEvent::Finished(_)) {
                     break;
                 }
             }
@@ -440,69 +406,6 @@ fn reference_decode(
             .squeeze(0)?;
     }
     Ok(steps as f64 / t.elapsed().as_secs_f64().max(1e-9))
-}
-
-pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    writeln!(out, "model        {}", r.model)?;
-    writeln!(
-        out,
-        "format       {} on {}, {} thread(s)",
-        r.format, r.device, r.threads
-    )?;
-    writeln!(
-        out,
-        "size         {:.1}M parameters, {:.1} MiB of weights",
-        r.parameters as f64 / 1e6,
-        mib(r.weight_bytes)
-    )?;
-    writeln!(out, "load         {:.2} s", r.load_s)?;
-    writeln!(
-        out,
-        "prefill      {:.1} tokens/s ({} tokens)",
-        r.prefill_tokens_per_s, r.prefill_tokens
-    )?;
-    writeln!(
-        out,
-        "decode       {:.1} tokens/s ({} tokens)",
-        r.decode_tokens_per_s, r.decode_tokens
-    )?;
-    if let Some(reference) = r.reference_decode_tokens_per_s {
-        writeln!(
-            out,
-            "reference    {reference:.1} tokens/s decode with candle-transformers' Llama"
-        )?;
-    }
-    writeln!(
-        out,
-        "follow-up    first token {:.1} ms with the cache, {:.1} ms without ({:.1}x)",
-        r.follow_up_ttft_cached_ms, r.follow_up_ttft_uncached_ms, r.cache_speedup
-    )?;
-    for c in &r.concurrency {
-        writeln!(
-            out,
-            "concurrent   {:>2} conversations, {}: {:.1} tokens/s in all ({:.1} while decoding), {:.1} tokens/s each",
-            c.conversations,
-            if c.batched { "batched  " } else { "unbatched" },
-            c.aggregate_tokens_per_s,
-            c.aggregate_decode_tokens_per_s,
-            c.per_conversation_tokens_per_s
-        )?;
-    }
-    if let Some(ms) = r.join_ttft_ms {
-        writeln!(
-            out,
-            "join         first token of a new request while 8 decode: {ms:.1} ms"
-        )?;
-    }
-    writeln!(
-        out,
-        "memory       {:.1} MiB resident after loading, {:.1} MiB with one reply, {:.1} MiB peak (all benchmark caches)",
-        mib(r.load_rss_bytes),
-        mib(r.model_rss_bytes),
-        mib(r.peak_rss_bytes)
-    )?;
-    Ok(())
 }
 
 /// Where `bench --random` keeps its models unless told otherwise.

@@ -1,6 +1,6 @@
-//! Seeded random-weight Llama models in the Hugging Face layout and as GGUF, for tests and
-//! `bench --random`. candle's own RNG cannot be seeded, so values come from our generator and
-//! the same seed always writes the same weights.
+//! Seeded random-weight Llama models written as a Hugging Face safetensors directory or as GGUF,
+//! for tests and `bench --random`. candle's own RNG cannot be seeded, so values come from our
+//! generator and the same seed always writes the same weights.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,7 +8,8 @@ use std::path::Path;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 
-use super::model::LlamaShape;
+use crate::inference::LlamaShape;
+use crate::inference::load::names::{GlobalWeight, LayerWeight, Weight};
 
 /// Bumped whenever the generator's output changes, so cached test models are rewritten.
 pub const GENERATOR_VERSION: u32 = 1;
@@ -63,70 +64,46 @@ fn random(rng: &mut Rng, dims: &[usize], scale: f32, offset: f32) -> candle_core
 
 /// The weights of a random model under Hugging Face names, generated in a fixed order.
 pub fn random_weights(shape: &LlamaShape, seed: u64) -> candle_core::Result<Vec<(String, Tensor)>> {
+    Ok(generate(shape, seed)?
+        .into_iter()
+        .map(|(w, t)| (w.hf_name(), t))
+        .collect())
+}
+
+/// Every weight in checkpoint order, each drawn from one seeded stream.
+fn generate(shape: &LlamaShape, seed: u64) -> candle_core::Result<Vec<(Weight, Tensor)>> {
     let mut rng = Rng(seed);
     let s = shape;
-    let h = s.hidden_size;
-    let q_out = s.num_heads * s.head_dim;
-    let kv_out = s.num_kv_heads * s.head_dim;
+    let h = s.hidden_size as f32;
     let lin = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
-    let mut out = Vec::new();
-    out.push((
-        "model.embed_tokens.weight".to_string(),
-        random(&mut rng, &[s.vocab_size, h], 1.0, 0.0)?,
-    ));
+    let mut weights = vec![Weight::Global(GlobalWeight::Embed)];
     for l in 0..s.num_layers {
-        let p = format!("model.layers.{l}");
-        out.push((
-            format!("{p}.input_layernorm.weight"),
-            random(&mut rng, &[h], 0.1, 1.0)?,
-        ));
-        out.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            random(&mut rng, &[q_out, h], lin(h), 0.0)?,
-        ));
-        out.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            random(&mut rng, &[kv_out, h], lin(h), 0.0)?,
-        ));
-        out.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            random(&mut rng, &[kv_out, h], lin(h), 0.0)?,
-        ));
-        out.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            random(&mut rng, &[h, q_out], lin(q_out) * 0.5, 0.0)?,
-        ));
-        out.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            random(&mut rng, &[h], 0.1, 1.0)?,
-        ));
-        out.push((
-            format!("{p}.mlp.gate_proj.weight"),
-            random(&mut rng, &[s.intermediate_size, h], lin(h), 0.0)?,
-        ));
-        out.push((
-            format!("{p}.mlp.up_proj.weight"),
-            random(&mut rng, &[s.intermediate_size, h], lin(h), 0.0)?,
-        ));
-        out.push((
-            format!("{p}.mlp.down_proj.weight"),
-            random(
-                &mut rng,
-                &[h, s.intermediate_size],
-                lin(s.intermediate_size) * 0.5,
-                0.0,
-            )?,
-        ));
+        weights.extend(LayerWeight::all().map(|w| Weight::Layer(l, w)));
     }
-    out.push((
-        "model.norm.weight".to_string(),
-        random(&mut rng, &[h], 0.1, 1.0)?,
-    ));
-    // Spread-out logits, so greedy choices are not near-ties that rounding could flip.
-    out.push((
-        "lm_head.weight".to_string(),
-        random(&mut rng, &[s.vocab_size, h], 4.0 / (h as f32).sqrt(), 0.0)?,
-    ));
+    weights.push(Weight::Global(GlobalWeight::Norm));
+    weights.push(Weight::Global(GlobalWeight::LmHead));
+    let mut out = Vec::with_capacity(weights.len());
+    for w in weights {
+        let dims = w.dims(s);
+        // Norms near 1, projections scaled by their fan-in (the columns).
+        let (scale, offset) = match w {
+            Weight::Global(GlobalWeight::Norm)
+            | Weight::Layer(_, LayerWeight::AttnNorm | LayerWeight::FfnNorm) => (0.1, 1.0),
+            Weight::Global(GlobalWeight::Embed) => (1.0, 0.0),
+            // Spread-out logits, so greedy choices are not near-ties that rounding could flip.
+            Weight::Global(GlobalWeight::LmHead) => (4.0 / h.sqrt(), 0.0),
+            Weight::Layer(_, LayerWeight::O | LayerWeight::Down) => (lin(dims[1]) * 0.5, 0.0),
+            Weight::Layer(
+                _,
+                LayerWeight::Q
+                | LayerWeight::K
+                | LayerWeight::V
+                | LayerWeight::Gate
+                | LayerWeight::Up,
+            ) => (lin(dims[1]), 0.0),
+        };
+        out.push((w, random(&mut rng, &dims, scale, offset)?));
+    }
     Ok(out)
 }
 
@@ -228,15 +205,20 @@ impl GgufPreset {
         }
     }
 
-    fn dtype_for(self, gguf_name: &str) -> GgmlDType {
-        if gguf_name.ends_with("norm.weight") {
+    fn dtype_for(self, weight: Weight) -> GgmlDType {
+        if weight.is_norm() {
             return GgmlDType::F32;
         }
         match self {
             Self::F32 => GgmlDType::F32,
             Self::F16 => GgmlDType::F16,
             Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4KM if gguf_name == "output.weight" || gguf_name.ends_with("attn_v.weight") => {
+            Self::Q4KM
+                if matches!(
+                    weight,
+                    Weight::Global(GlobalWeight::LmHead) | Weight::Layer(_, LayerWeight::V)
+                ) =>
+            {
                 GgmlDType::Q6K
             }
             Self::Q4KM => GgmlDType::Q4K,
@@ -251,19 +233,16 @@ pub fn write_gguf(
     seed: u64,
     preset: GgufPreset,
 ) -> anyhow::Result<()> {
-    let weights = random_weights(shape, seed)?;
+    let weights = generate(shape, seed)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(weights.len());
-    for (name, t) in weights {
-        let gname = gguf_name(&name).ok_or_else(|| anyhow::anyhow!("no GGUF name for {name}"))?;
-        let t = if name.ends_with("q_proj.weight") {
-            permute_for_gguf(&t, shape.num_heads)?
-        } else if name.ends_with("k_proj.weight") {
-            permute_for_gguf(&t, shape.num_kv_heads)?
-        } else {
-            t
+    for (weight, t) in weights {
+        let t = match weight {
+            Weight::Layer(_, LayerWeight::Q) => permute_for_gguf(&t, shape.num_heads)?,
+            Weight::Layer(_, LayerWeight::K) => permute_for_gguf(&t, shape.num_kv_heads)?,
+            _ => t,
         };
-        let q = QTensor::quantize(&t, preset.dtype_for(&gname))?;
-        tensors.push((gname, q));
+        let q = QTensor::quantize(&t, preset.dtype_for(weight))?;
+        tensors.push((weight.gguf_name(), q));
     }
     let u32v = |v: usize| gguf_file::Value::U32(v as u32);
     let metadata: Vec<(&str, gguf_file::Value)> = vec![
@@ -296,28 +275,4 @@ pub fn write_gguf(
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
     gguf_file::write(&mut file, &md, &ts)?;
     Ok(())
-}
-
-fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, name) = rest.split_once('.')?;
-    let short = match name {
-        "input_layernorm.weight" => "attn_norm",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.weight"))
 }

@@ -1,0 +1,209 @@
+//! Dense weights from a Hugging Face directory: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Every name and shape is checked before any tensor is read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Tensor};
+
+use super::hf::{eos_ids, load_tokenizer, read_hf_config};
+use super::names::{GlobalWeight, LayerWeight};
+use super::{LoadError, LoadOptions, LoadedModel, WeightFormat, select_dtype};
+use crate::inference::model::{Layer, LlamaModel};
+
+/// The index file of a sharded checkpoint.
+pub(super) const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The shard files an index's `weight_map` names, each once, sorted.
+pub(super) fn index_shards(index: &Path) -> Result<Vec<String>, LoadError> {
+    let text = std::fs::read_to_string(index).map_err(|e| LoadError::Read {
+        path: index.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| LoadError::BadConfig {
+            path: index.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| LoadError::BadConfig {
+            path: index.to_path_buf(),
+            message: "no weight_map".into(),
+        })?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// The weight files of a directory: an index of shards, or one `model.safetensors`.
+fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join(INDEX_FILE);
+    if index.exists() {
+        let files: Vec<PathBuf> = index_shards(&index)?
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect();
+        for f in &files {
+            if !f.exists() {
+                return Err(LoadError::MissingFile {
+                    path: f.clone(),
+                    what: format!("shard listed in {} is missing", index.display()),
+                });
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let what = if dir.join("pytorch_model.bin").exists() {
+        "only pytorch_model.bin found; convert the weights to safetensors"
+    } else {
+        "no model.safetensors or model.safetensors.index.json"
+    };
+    Err(LoadError::MissingFile {
+        path: dir.to_path_buf(),
+        what: what.into(),
+    })
+}
+
+pub(super) fn load_safetensors_dir(
+    dir: &Path,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(LoadError::MissingFile {
+            path: config_path,
+            what: "missing: a model directory needs config.json".into(),
+        });
+    }
+    let cfg = read_hf_config(&config_path)?;
+    let tokenizer = load_tokenizer(dir, opts.tokenizer.as_deref(), cfg.vocab_size)?;
+    let files = safetensor_files(dir)?;
+    let dtype = select_dtype(opts.dtype, device);
+    let shape = cfg.shape();
+
+    // SAFETY: the files are memory-mapped read-only; we never write to them while mapped.
+    let st =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+            LoadError::Read {
+                path: files[0].clone(),
+                message: e.to_string(),
+            }
+        })?;
+    // Check every name and shape first, so a broken checkpoint is one clear error.
+    let mut available: HashMap<String, (Vec<usize>, PathBuf)> = HashMap::new();
+    for file in &files {
+        // SAFETY: as above.
+        let one =
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
+                LoadError::Read {
+                    path: file.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        for (name, view) in one.tensors() {
+            available.insert(name, (view.shape().to_vec(), file.clone()));
+        }
+    }
+    let weight_path = if files.len() == 1 {
+        files[0].clone()
+    } else {
+        dir.to_path_buf()
+    };
+    let check = |name: &str, expected: &[usize]| -> Result<(), LoadError> {
+        match available.get(name) {
+            None => Err(LoadError::MissingTensor {
+                path: weight_path.clone(),
+                name: name.into(),
+            }),
+            Some((actual, file)) if actual != expected => Err(LoadError::WrongShape {
+                path: file.clone(),
+                name: name.into(),
+                expected: expected.to_vec(),
+                actual: actual.clone(),
+            }),
+            Some(_) => Ok(()),
+        }
+    };
+    let check_global = |g: GlobalWeight| check(g.hf(), &g.dims(&shape));
+    check_global(GlobalWeight::Embed)?;
+    check_global(GlobalWeight::Norm)?;
+    let tied = cfg.tie_word_embeddings && !available.contains_key(GlobalWeight::LmHead.hf());
+    if !tied {
+        check_global(GlobalWeight::LmHead)?;
+    }
+    for l in 0..shape.num_layers {
+        for w in LayerWeight::all() {
+            check(&w.hf_name(l), &w.dims(&shape))?;
+        }
+    }
+
+    let get = |name: &str| -> Result<Tensor, LoadError> {
+        st.load(name, device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| LoadError::Read {
+                path: available
+                    .get(name)
+                    .map(|a| a.1.clone())
+                    .unwrap_or_else(|| weight_path.clone()),
+                message: format!("tensor `{name}`: {e}"),
+            })
+    };
+    let linear = |name: &str| -> Result<QMatMul, LoadError> { Ok(QMatMul::Tensor(get(name)?)) };
+    let embed = QMatMul::Tensor(get(GlobalWeight::Embed.hf())?);
+    let lm_head = if tied {
+        embed.clone()
+    } else {
+        linear(GlobalWeight::LmHead.hf())?
+    };
+    let mut layers = Vec::with_capacity(shape.num_layers);
+    for l in 0..shape.num_layers {
+        let name = |w: LayerWeight| w.hf_name(l);
+        layers.push(Layer {
+            attn_norm: get(&name(LayerWeight::AttnNorm))?,
+            wq: linear(&name(LayerWeight::Q))?,
+            wk: linear(&name(LayerWeight::K))?,
+            wv: linear(&name(LayerWeight::V))?,
+            wo: linear(&name(LayerWeight::O))?,
+            ffn_norm: get(&name(LayerWeight::FfnNorm))?,
+            w_gate: linear(&name(LayerWeight::Gate))?,
+            w_up: linear(&name(LayerWeight::Up))?,
+            w_down: linear(&name(LayerWeight::Down))?,
+        });
+    }
+    let norm = get(GlobalWeight::Norm.hf())?;
+    let model = LlamaModel::new(shape, embed, layers, norm, lm_head, false, device, dtype)
+        .map_err(|e| LoadError::Read {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let weight_bytes = files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let eos = eos_ids(cfg.eos_token_id.as_ref(), &tokenizer);
+    Ok(LoadedModel {
+        model,
+        tokenizer: Arc::new(tokenizer),
+        format: WeightFormat::Safetensors {
+            dtype,
+            files: files.len(),
+        },
+        eos_ids: eos,
+        source: dir.to_path_buf(),
+        weight_bytes,
+    })
+}
