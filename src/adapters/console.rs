@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
-use crate::chat::{Author, ConversationKey, Incoming, Request};
+use crate::chat::{Author, ConversationKey, Incoming, Platform, Request};
 use crate::core::{Assistant, ReplySink};
 
 /// Prints a streamed reply: only what is new since the last update.
@@ -83,7 +83,7 @@ pub async fn run_with<R: AsyncBufRead + Unpin>(
 ) -> anyhow::Result<()> {
     let key = ConversationKey::console(conversation);
     let author = Author {
-        id: "console".into(),
+        id: Platform::Console.as_str().into(),
         name: user_name.into(),
         roles: Vec::new(),
     };

@@ -48,14 +48,15 @@ impl DiscordClient {
                 gateway.url
             )));
         }
-        http.get_current_user()
+        let me = http
+            .get_current_user()
             .await
             .map_err(|e| connect_error(&e, base))?;
         let intents = GatewayIntents::GUILDS
             | GatewayIntents::GUILD_MESSAGES
             | GatewayIntents::DIRECT_MESSAGES
             | GatewayIntents::MESSAGE_CONTENT;
-        let handler = Handler::new(assistant, settings.clone());
+        let handler = Handler::new(assistant, settings.clone(), me.id);
         let client = serenity::client::ClientBuilder::new_with_http(http, intents)
             .event_handler(handler)
             .await

@@ -21,27 +21,29 @@ use crate::core::Assistant;
 pub(super) struct Handler {
     assistant: Arc<Assistant>,
     settings: DiscordSettings,
-    bot_id: Mutex<Option<UserId>>,
+    /// Known before the gateway connects (the token check asks who we are): serenity runs
+    /// handlers concurrently, so a message in the same burst as READY may be handled first.
+    bot_id: UserId,
     bot_threads: Mutex<HashSet<ChannelId>>,
 }
 
 impl Handler {
-    /// A handler that knows neither its own user (until `ready`) nor any thread it started.
-    pub(super) fn new(assistant: Arc<Assistant>, settings: DiscordSettings) -> Self {
+    /// A handler for the bot user `bot_id`, knowing no thread it started yet.
+    pub(super) fn new(
+        assistant: Arc<Assistant>,
+        settings: DiscordSettings,
+        bot_id: UserId,
+    ) -> Self {
         Self {
             assistant,
             settings,
-            bot_id: Mutex::new(None),
+            bot_id,
             bot_threads: Mutex::new(HashSet::new()),
         }
     }
 
     fn bot_id(&self) -> u64 {
-        self.bot_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|u| u.get())
-            .unwrap_or(0)
+        self.bot_id.get()
     }
 
     fn interval(&self) -> Duration {
@@ -76,9 +78,6 @@ impl Handler {
 
     async fn on_message(&self, ctx: Context, msg: Message) {
         let bot_id = self.bot_id();
-        if bot_id == 0 {
-            return;
-        }
         let facts = Facts {
             bot_id,
             content: &msg.content,
@@ -208,7 +207,9 @@ impl Handler {
 #[serenity::async_trait]
 impl EventHandler for Handler {
     async fn ready(&self, ctx: Context, ready: Ready) {
-        *self.bot_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(ready.user.id);
+        if ready.user.id != self.bot_id {
+            tracing::warn!(ready = %ready.user.id, token = %self.bot_id, "the gateway names another bot user than the token check did");
+        }
         tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
         let commands = slash::commands();
         let result = if self.settings.command_guilds.is_empty() {
@@ -286,10 +287,7 @@ impl EventHandler for Handler {
     }
 
     async fn thread_create(&self, _ctx: Context, thread: GuildChannel) {
-        if thread
-            .owner_id
-            .is_some_and(|o| Some(o) == *self.bot_id.lock().unwrap_or_else(|e| e.into_inner()))
-        {
+        if thread.owner_id.is_some_and(|o| o == self.bot_id) {
             self.bot_threads
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

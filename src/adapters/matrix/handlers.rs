@@ -182,7 +182,7 @@ impl Shared {
             interval,
         );
         let assistant = self.assistant.clone();
-        let span = tracing::info_span!("matrix", room = %room_id, event = %ev.event_id);
+        let span = tracing::info_span!("room_event", room = %room_id, event = %ev.event_id);
         // Replies run beside the sync loop, never inside it: a send in an encrypted room can wait
         // on a key query that only the next sync makes.
         tokio::spawn(

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use matrix_sdk::Room;
+use matrix_sdk::ruma::events::Mentions;
 use matrix_sdk::ruma::events::relation::Thread;
 use matrix_sdk::ruma::events::room::message::{
-    AddMentions, ForwardThread, ReplacementMetadata, ReplyMetadata,
+    AddMentions, FormattedBody, ForwardThread, MessageType, ReplacementMetadata, ReplyMetadata,
     RoomMessageEventContentWithoutRelation,
 };
 use matrix_sdk::ruma::{OwnedEventId, OwnedUserId};
@@ -35,6 +36,37 @@ pub(super) struct MatrixSurface {
     pub(super) shared: Arc<Shared>,
 }
 
+/// One part as an `m.notice`: Markdown rendered to HTML, and always a formatted body (the text
+/// escaped, when Markdown adds nothing), so an edit's fallback for clients without edits reads
+/// `* ` and the text in both forms. An empty `m.mentions` keeps homeservers from falling back
+/// to body-matching push rules: a reply quoting `@room` or a display name pings no one.
+fn notice(part: &str) -> RoomMessageEventContentWithoutRelation {
+    let mut content = RoomMessageEventContentWithoutRelation::notice_markdown(part);
+    if let MessageType::Notice(n) = &mut content.msgtype
+        && n.formatted.is_none()
+    {
+        n.formatted = Some(FormattedBody::html(escape_html(part)));
+    }
+    content.add_mentions(Mentions::new())
+}
+
+/// Plain text as HTML that shows the same: markup characters escaped, line breaks kept.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            '\n' => out.push_str("<br>"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[async_trait::async_trait]
 impl Surface for MatrixSurface {
     type Id = OwnedEventId;
@@ -46,7 +78,7 @@ impl Surface for MatrixSurface {
 
     async fn post(&self, _index: usize, part: &str) -> matrix_sdk::Result<OwnedEventId> {
         let q = &self.question;
-        let content = RoomMessageEventContentWithoutRelation::notice_markdown(part).make_reply_to(
+        let content = notice(part).make_reply_to(
             ReplyMetadata::new(&q.event_id, &q.sender, q.thread.as_ref()),
             ForwardThread::Yes,
             AddMentions::No,
@@ -57,8 +89,9 @@ impl Surface for MatrixSurface {
     }
 
     async fn edit(&self, _index: usize, id: &OwnedEventId, part: &str) -> matrix_sdk::Result<()> {
-        let content = RoomMessageEventContentWithoutRelation::notice_markdown(part)
-            .make_replacement(ReplacementMetadata::new(id.clone(), None));
+        // The edited event mentioned nobody either: the edit adds no one.
+        let content = notice(part)
+            .make_replacement(ReplacementMetadata::new(id.clone(), Some(Mentions::new())));
         self.room.send(content).await?;
         Ok(())
     }
@@ -72,5 +105,48 @@ impl Surface for MatrixSurface {
         if let Err(e) = self.room.typing_notice(on).await {
             tracing::debug!(error = %e, "typing notice failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use matrix_sdk::ruma::events::room::message::Relation;
+    use matrix_sdk::ruma::owned_event_id;
+
+    fn json(content: &impl serde::Serialize) -> serde_json::Value {
+        serde_json::to_value(content).unwrap()
+    }
+
+    /// Edits of plain-text replies carried `formatted_body: "* "`, and no reply or edit carried
+    /// `m.mentions`.
+    #[test]
+    fn replies_and_edits_mention_nobody_and_edits_fall_back_to_their_text() {
+        let id = owned_event_id!("$reply:example.org");
+        let edit = notice("Ask @room or Alice <b>now</b>")
+            .make_replacement(ReplacementMetadata::new(id, Some(Mentions::new())));
+        let v = json(&edit);
+        assert_eq!(v["body"], "* Ask @room or Alice <b>now</b>", "{v}");
+        assert_eq!(
+            v["formatted_body"], "* Ask @room or Alice &lt;b&gt;now&lt;/b&gt;",
+            "{v}"
+        );
+        assert_eq!(v["m.mentions"], serde_json::json!({}), "{v}");
+        assert_eq!(
+            v["m.new_content"]["m.mentions"],
+            serde_json::json!({}),
+            "{v}"
+        );
+        assert!(matches!(edit.relates_to, Some(Relation::Replacement(_))));
+
+        let styled = json(&notice("**bold** and\nmore"));
+        assert_eq!(styled["m.mentions"], serde_json::json!({}), "{styled}");
+        assert!(
+            styled["formatted_body"]
+                .as_str()
+                .is_some_and(|f| f.contains("<strong>bold</strong>")),
+            "{styled}"
+        );
+        assert_eq!(escape_html("a\nb & c"), "a<br>b &amp; c");
     }
 }
