@@ -416,6 +416,7 @@ mod tests {
         reply.typing().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         reply.notice("cut to fit").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         reply.update("The answer").await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         reply.finish("The answer, whole.").await;
