@@ -33,11 +33,17 @@ impl Drop for Bot {
 }
 
 async fn start(edit: impl FnOnce(&mut Settings)) -> Bot {
+    start_with(edit, |_| {}).await
+}
+
+/// `start`, with the fake prepared before the bot connects.
+async fn start_with(edit: impl FnOnce(&mut Settings), prepare: impl FnOnce(&FakeDiscord)) -> Bot {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("warn,synthia_bot=info")
         .try_init();
     let fake = FakeDiscord::start().await;
+    prepare(&fake);
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::default();
     settings.model.max_new_tokens = 40;
@@ -195,6 +201,29 @@ async fn a_mention_gets_typing_a_streamed_reply_and_the_stored_text() {
     let q = &bot.store.since_reset(&conv).await.unwrap()[0];
     assert_eq!(q.content, "hello there");
     assert_eq!(q.author_name.as_deref(), Some("alice"));
+}
+
+/// serenity runs event handlers concurrently, so messages in the same burst as READY can be
+/// handled before the ready handler (about one start in six); the fake sends them just ahead of
+/// READY to make that certain. The bot must know its own id before the gateway connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mentions_in_the_ready_burst_are_answered() {
+    let ids: Vec<u64> = (7050..7058).collect();
+    let bot = start_with(
+        |_| {},
+        |fake| {
+            fake.send_with_ready(
+                ids.iter()
+                    .map(|id| ("MESSAGE_CREATE".to_string(), mention(*id, "early bird")))
+                    .collect(),
+            )
+        },
+    )
+    .await;
+    for id in &ids {
+        let stored = wait_reply(&bot.store, &channel_key(), &id.to_string()).await;
+        assert!(!stored.is_empty(), "{id}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

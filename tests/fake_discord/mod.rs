@@ -50,6 +50,8 @@ struct Shared {
     resumes: AtomicUsize,
     fail_edits: AtomicUsize,
     replay_on_resume: Mutex<Vec<(String, Value)>>,
+    /// Events sent in the same burst as READY, just ahead of it.
+    with_ready: Mutex<Vec<(String, Value)>>,
 }
 
 pub struct FakeDiscord {
@@ -241,6 +243,13 @@ impl FakeDiscord {
 
     pub fn identifies(&self) -> usize {
         self.shared.identifies.load(Ordering::SeqCst)
+    }
+
+    /// Events to send in the same burst as the next READY, just ahead of it, so the client
+    /// handles them before its ready handler has run (the race serenity's concurrent handlers
+    /// allow when they arrive right behind READY, made certain).
+    pub fn send_with_ready(&self, events: Vec<(String, Value)>) {
+        *self.shared.with_ready.lock().unwrap() = events;
     }
 
     /// The next `n` message edits are answered 429.
@@ -473,12 +482,19 @@ async fn serve_gateway(s: Arc<Shared>, mut socket: WebSocket) {
                     }
                     Some(2) => {
                         s.identifies.fetch_add(1, Ordering::SeqCst);
-                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
                         let ready = json!({
                             "v": 10, "user": user(BOT_ID, "synthia", true), "guilds": [],
                             "session_id": "session-1", "resume_gateway_url": format!("ws://{addr}/gw"),
                             "shard": [0, 1], "application": { "id": APP_ID.to_string(), "flags": 0 }
                         });
+                        // The burst goes out first, so serenity has these events in hand before
+                        // READY: their handlers run with the ready handler not yet run.
+                        let burst = std::mem::take(&mut *s.with_ready.lock().unwrap());
+                        for (t, d) in burst {
+                            let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                            let _ = socket.send(frame(0, Some(&t), Some(seq), d)).await;
+                        }
+                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
                         let _ = socket.send(frame(0, Some("READY"), Some(seq), ready)).await;
                         *s.gateway.lock().unwrap() = Some(tx.clone());
                     }
