@@ -14,7 +14,7 @@ const RULES: &[(&str, &[&str])] = &[
     // Memory and the engine; the engine knows nothing of chat.
     ("memory", &["chat"]),
     ("inference", &["config"]),
-    ("prompt", &["chat", "config", "inference"]),
+    ("prompt", &["chat", "inference"]),
     ("core", &["chat", "config", "inference", "memory", "prompt"]),
     ("metrics", &["chat", "core", "inference"]),
     ("adapters", &["chat", "config", "core"]),

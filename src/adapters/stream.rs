@@ -56,8 +56,6 @@ enum Pace {
     Skip,
     /// Wait for the interval to pass, then render.
     Wait,
-    /// Render now (the answer taking over a queue notice).
-    Now,
 }
 
 pub struct StreamedReply<S: Surface> {
@@ -135,22 +133,21 @@ impl<S: Surface + 'static> StreamedReply<S> {
 
     async fn show_update(&self, text_so_far: &str) {
         let mut shown = self.shown.lock().await;
-        let pace = if shown.placeholder {
-            Pace::Now
-        } else {
-            Pace::Skip
-        };
-        if self.paced(&mut shown, pace).await {
+        if self.paced(&mut shown, Pace::Skip).await {
             render(&*self.surface, &mut shown, text_so_far).await;
             shown.placeholder = false;
             shown.pending_position = None;
         }
     }
 
-    /// Whether to render now under `pace`; waits out the interval for [`Pace::Wait`].
+    /// Whether to render now under `pace`; waits out the interval for [`Pace::Wait`]. A queue
+    /// notice never holds back what replaces it: the answer, a notice or a failure shows at once.
     async fn paced(&self, shown: &mut Shown<S::Id>, pace: Pace) -> bool {
         if shown.finished {
             return false;
+        }
+        if shown.placeholder {
+            return true;
         }
         if let Some(last) = shown.last_edit {
             let since = last.elapsed();
@@ -158,7 +155,6 @@ impl<S: Surface + 'static> StreamedReply<S> {
                 match pace {
                     Pace::Skip => return false,
                     Pace::Wait => tokio::time::sleep(self.interval - since).await,
-                    Pace::Now => {}
                 }
             }
         }
@@ -169,12 +165,7 @@ impl<S: Surface + 'static> StreamedReply<S> {
     async fn show_final(&self, text: &str) {
         {
             let mut shown = self.shown.lock().await;
-            let pace = if shown.placeholder {
-                Pace::Now
-            } else {
-                Pace::Wait
-            };
-            if self.paced(&mut shown, pace).await {
+            if self.paced(&mut shown, Pace::Wait).await {
                 render(
                     &*self.surface,
                     &mut shown,

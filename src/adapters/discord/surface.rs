@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serenity::all::{
     ChannelId, CommandInteraction, CreateAllowedMentions, CreateInteractionResponseFollowup,
-    CreateMessage, EditInteractionResponse, EditMessage, MessageId,
+    CreateMessage, EditInteractionResponse, EditMessage, Message, MessageId,
 };
 use serenity::http::Http;
 
@@ -66,6 +66,26 @@ pub(super) struct DiscordSurface {
     offset: usize,
 }
 
+impl DiscordSurface {
+    /// The interaction's deferred response is its first message: posting and editing it are
+    /// the same request.
+    async fn edit_response(
+        &self,
+        interaction: &CommandInteraction,
+        content: &str,
+    ) -> serenity::Result<Message> {
+        with_backoff("edit response", || {
+            interaction.edit_response(
+                &self.http,
+                EditInteractionResponse::new()
+                    .content(content)
+                    .allowed_mentions(no_mentions()),
+            )
+        })
+        .await
+    }
+}
+
 #[async_trait::async_trait]
 impl Surface for DiscordSurface {
     type Id = MessageId;
@@ -98,16 +118,7 @@ impl Surface for DiscordSurface {
                 ephemeral,
             } => {
                 if index == 0 {
-                    let msg = with_backoff("edit response", || {
-                        interaction.edit_response(
-                            &self.http,
-                            EditInteractionResponse::new()
-                                .content(content)
-                                .allowed_mentions(no_mentions()),
-                        )
-                    })
-                    .await?;
-                    Ok(msg.id)
+                    Ok(self.edit_response(interaction, content).await?.id)
                 } else {
                     let msg = with_backoff("follow-up", || {
                         interaction.create_followup(
@@ -142,15 +153,7 @@ impl Surface for DiscordSurface {
             }
             Target::Interaction { interaction, .. } => {
                 if index == 0 {
-                    with_backoff("edit response", || {
-                        interaction.edit_response(
-                            &self.http,
-                            EditInteractionResponse::new()
-                                .content(content)
-                                .allowed_mentions(no_mentions()),
-                        )
-                    })
-                    .await?;
+                    self.edit_response(interaction, content).await?;
                 } else {
                     with_backoff("edit follow-up", || {
                         interaction.edit_followup(

@@ -40,14 +40,6 @@ pub enum MatrixError {
     SessionExpired,
 }
 
-impl MatrixError {
-    /// Errors a later attempt may not repeat (the server was down), as opposed to ones only the
-    /// operator can fix.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, MatrixError::Unreachable { .. })
-    }
-}
-
 /// A Matrix error answer means the server is up and said no (`refused`); anything else means it
 /// could not be reached.
 pub(super) fn http_error(
