@@ -5,7 +5,7 @@ use anyhow::Context;
 
 use crate::config::{LogFormat, Settings, Sources};
 use crate::inference::{self, Worker, WorkerOptions};
-use crate::memory::Store;
+use crate::memory::{Store, redact_password};
 use std::path::Path;
 
 /// Loads settings for a command; errors name the key.
@@ -30,12 +30,19 @@ pub fn init_logging(settings: &Settings) {
     };
 }
 
+/// Opens the memory `memory.database` names (SQLite or PostgreSQL) and applies its migrations.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    Ok(Store::open(
+    let store = Store::open(
         &settings.memory.database,
         std::time::Duration::from_millis(u64::from(settings.memory.busy_timeout_ms)),
     )
-    .await?)
+    .await?;
+    tracing::info!(
+        backend = %store.backend(),
+        database = %redact_password(&settings.memory.database),
+        "memory opened"
+    );
+    Ok(store)
 }
 
 pub fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {

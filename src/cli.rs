@@ -16,6 +16,7 @@ use crate::inference::tokenizer::TextTokenizer;
 use crate::inference::{
     self, GenerationEvent, GenerationRequest, SamplingParams, Worker, WorkerOptions,
 };
+use crate::memory::{Store, Target};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +49,18 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill, decode, cache reuse, concurrency and memory.
     Bench(crate::bench::BenchArgs),
+    /// Copy a whole memory into another database (e.g. SQLite to PostgreSQL); resumable.
+    MigrateMemory(MigrateMemoryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateMemoryArgs {
+    /// The memory to copy: a SQLite path, `sqlite://…` or `postgres://…` URL. It must exist.
+    #[arg(long, value_name = "DATABASE")]
+    pub from: String,
+    /// Where to copy it: usually a `postgres://…` URL of an empty (or partly copied) database.
+    #[arg(long, value_name = "DATABASE")]
+    pub to: String,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +229,42 @@ pub async fn export(settings: Settings, args: ExportArgs) -> anyhow::Result<()> 
     sink.flush()?;
     store.close().await;
     tracing::info!(exchanges = count, "exported");
+    Ok(())
+}
+
+/// Copies every conversation, message, setting and boundary from one memory into another, one
+/// transaction per conversation; run again after an interruption, it copies what is missing.
+/// Ends by comparing the counts on both sides.
+pub async fn migrate_memory(settings: Settings, args: MigrateMemoryArgs) -> anyhow::Result<()> {
+    let from_target = Target::parse(&args.from).map_err(|e| anyhow::anyhow!("--from {e}"))?;
+    let to_target = Target::parse(&args.to).map_err(|e| anyhow::anyhow!("--to {e}"))?;
+    if from_target == to_target {
+        bail!("--from and --to name the same database ({from_target})");
+    }
+    if let Target::SqlitePath(path) = &from_target
+        && !path.exists()
+    {
+        bail!("--from {}: no such file", path.display());
+    }
+    let lock_timeout = std::time::Duration::from_millis(u64::from(settings.memory.busy_timeout_ms));
+    let from = Store::open(&args.from, lock_timeout)
+        .await
+        .with_context(|| format!("cannot open --from {from_target}"))?;
+    let to = Store::open(&args.to, lock_timeout)
+        .await
+        .with_context(|| format!("cannot open --to {to_target}"))?;
+    let report = from
+        .copy_into(&to, |conversation, copied| {
+            tracing::info!(conversation, copied, "conversation");
+        })
+        .await;
+    from.close().await;
+    to.close().await;
+    let report = report.with_context(|| format!("copying {from_target} into {to_target}"))?;
+    println!(
+        "copied {} conversations ({} were already there); both hold {} conversations and {} messages",
+        report.copied, report.skipped, report.conversations, report.messages
+    );
     Ok(())
 }
 

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             Command::Prompt(args) => cli::prompt(settings, args).await,
             Command::Export(args) => cli::export(settings, args).await,
             Command::Generate(args) => cli::generate(settings, args).await,
+            Command::MigrateMemory(args) => cli::migrate_memory(settings, args).await,
             Command::Bench(args) => {
                 let json = args.json;
                 let report =

@@ -48,6 +48,7 @@ pub struct Metrics {
     generation_time: Family<Labels, Histogram>,
     queue_depth: Gauge,
     connected: Family<Labels, Gauge>,
+    instance: Family<Labels, Gauge>,
     queue_source: Mutex<Option<QueueSource>>,
 }
 
@@ -75,6 +76,7 @@ impl Metrics {
             generation_time: Family::new_with_constructor(seconds_histogram),
             queue_depth: Gauge::default(),
             connected: Family::default(),
+            instance: Family::default(),
             queue_source: Mutex::new(None),
         };
         for (name, help, family) in [
@@ -147,7 +149,20 @@ impl Metrics {
             "1 while a chat platform is connected",
             m.connected.clone(),
         );
+        m.registry.register(
+            "instance_info",
+            "1, labelled with this daemon's service.instance",
+            m.instance.clone(),
+        );
         m
+    }
+
+    /// Names this daemon (`service.instance`), so scrapes of several can be told apart.
+    pub fn set_instance(&self, name: &str) {
+        self.instance.clear();
+        self.instance
+            .get_or_create(&labels(&[("instance", name)]))
+            .set(1);
     }
 
     /// Where the queue depth is read at each scrape.
@@ -307,6 +322,7 @@ mod tests {
             },
         );
         m.set_connected(Platform::Discord, true);
+        m.set_instance("eu-1");
         let text = m.render();
         for line in [
             "synthia_messages_received_total{platform=\"matrix\"} 1",
@@ -320,6 +336,7 @@ mod tests {
             "synthia_generation_seconds_sum{platform=\"matrix\"} 0.9",
             "synthia_queue_depth 3",
             "synthia_platform_connected{platform=\"discord\"} 1",
+            "synthia_instance_info{instance=\"eu-1\"} 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
 
 use crate::adapters::ConnectError;
 use crate::adapters::discord::DiscordClient;
@@ -141,7 +142,16 @@ async fn supervise(
     }
 }
 
+/// Runs the daemon inside a span naming it (`service.instance`), so every line it logs says
+/// which of several daemons sharing one memory wrote it.
 pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let instance = settings.service.instance_name();
+    let span = tracing::info_span!("serve", instance = %instance);
+    run(settings, config, instance).instrument(span).await
+}
+
+async fn run(settings: Settings, config: Option<PathBuf>, instance: String) -> anyhow::Result<()> {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting");
     let mut platforms = Vec::new();
     if settings.discord.enabled {
         platforms.push(Remote::Discord);
@@ -155,6 +165,7 @@ pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Resul
         );
     }
     let metrics = Arc::new(Metrics::new());
+    metrics.set_instance(&instance);
     let metrics_server = match &settings.metrics.listen {
         l if l.is_empty() => None,
         l => Some(crate::metrics::serve(l, metrics.clone()).await?),
@@ -179,14 +190,17 @@ pub async fn serve(settings: Settings, config: Option<PathBuf>) -> anyhow::Resul
     let mut tasks = tokio::task::JoinSet::new();
     for &p in &platforms {
         let (tx, rx) = oneshot::channel();
-        tasks.spawn(supervise(
-            p,
-            settings.clone(),
-            assistant.clone(),
-            metrics.clone(),
-            stop_rx.clone(),
-            tx,
-        ));
+        tasks.spawn(
+            supervise(
+                p,
+                settings.clone(),
+                assistant.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+                tx,
+            )
+            .in_current_span(),
+        );
         firsts.push((p, rx));
     }
     let (mut up, mut retrying, mut refused) = (0, 0, Vec::new());

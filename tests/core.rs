@@ -480,3 +480,115 @@ async fn oversized_and_private_questions() {
     );
     assert!(!p.built.text.contains("secret question"));
 }
+
+/// Two daemons (each its own assistant, worker and store) on one PostgreSQL memory: given the
+/// same message, one answers and the other drops it; given two questions of one conversation at
+/// once, they answer one after the other, the second starting after the first reply is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_postgres_answer_once_and_in_turn() {
+    let database = common::postgres::fresh_database().await;
+    let mut settings = Settings::default();
+    settings.model.max_new_tokens = 12;
+    settings.sampling.temperature = 0.0;
+    settings.memory.database = database.clone();
+    let mut daemons = Vec::new();
+    for _ in 0..2 {
+        let store = Store::open(&database, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let worker = common::tiny_worker(WorkerOptions::default());
+        daemons.push(Arc::new(Assistant::new(store, worker, &settings)));
+    }
+    let store = Store::open(&database, Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    for round in 0..3 {
+        let id = format!("same-{round}");
+        let (a, b) = (Recorder::default(), Recorder::default());
+        let (x, y) = tokio::join!(
+            daemons[0].handle(message("u1", "Who answers?", &id), &a),
+            daemons[1].handle(message("u1", "Who answers?", &id), &b),
+        );
+        let answered = [&x, &y]
+            .iter()
+            .filter(|o| matches!(o, Outcome::Answered { .. }))
+            .count();
+        let dropped = [&x, &y]
+            .iter()
+            .filter(|o| matches!(o, Outcome::Duplicate))
+            .count();
+        assert_eq!((answered, dropped), (1, 1), "round {round}: {x:?} {y:?}");
+    }
+    let conv = store.find_conversation(&key()).await.unwrap().unwrap();
+    let replies = store
+        .all_messages(conv.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == Role::Assistant)
+        .count();
+    assert_eq!(replies, 3, "one reply per message");
+
+    // Two questions of one conversation, one on each daemon, at the same moment: the second to
+    // get its turn streams its first words only after the first has finished.
+    let (a, b) = (Timed::default(), Timed::default());
+    let (x, y) = tokio::join!(
+        daemons[0].handle(message("u1", "first of two", "q-a"), &a),
+        daemons[1].handle(message("u2", "second of two", "q-b"), &b),
+    );
+    assert!(
+        matches!(
+            x,
+            Outcome::Answered {
+                reply_id: Some(_),
+                ..
+            }
+        ) && matches!(
+            y,
+            Outcome::Answered {
+                reply_id: Some(_),
+                ..
+            }
+        ),
+        "both answered: {x:?} {y:?}"
+    );
+    let (a, b) = (a.times(), b.times());
+    let (earlier, later) = if a.1 <= b.1 { (a, b) } else { (b, a) };
+    assert!(
+        later.0 > earlier.1,
+        "the second began streaming {:?} before the first finished",
+        earlier.1.duration_since(later.0)
+    );
+}
+
+/// When a reply first streamed and when it finished.
+#[derive(Default)]
+struct Timed(Mutex<(Option<std::time::Instant>, Option<std::time::Instant>)>);
+
+impl Timed {
+    fn times(&self) -> (std::time::Instant, std::time::Instant) {
+        let t = self.0.lock().unwrap();
+        (t.0.expect("streamed"), t.1.expect("finished"))
+    }
+}
+
+#[async_trait::async_trait]
+impl ReplySink for Timed {
+    async fn typing(&self) {}
+    async fn queued(&self, _position: usize) {}
+    async fn update(&self, _text_so_far: &str) {
+        let mut t = self.0.lock().unwrap();
+        t.0.get_or_insert_with(std::time::Instant::now);
+    }
+    async fn finish(&self, _text: &str) {
+        let mut t = self.0.lock().unwrap();
+        let now = std::time::Instant::now();
+        t.0.get_or_insert(now);
+        t.1 = Some(now);
+    }
+    async fn fail(&self, message: &str) {
+        panic!("failed: {message}");
+    }
+    async fn notice(&self, _text: &str) {}
+}

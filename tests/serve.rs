@@ -142,7 +142,8 @@ async fn serves_discord_and_matrix_at_once() {
         "SYNTHIA_BOT__METRICS__LISTEN",
         format!("127.0.0.1:{metrics_port}"),
     )
-    .env("NOTIFY_SOCKET", &notify_path);
+    .env("NOTIFY_SOCKET", &notify_path)
+    .env("SYNTHIA_BOT__SERVICE__INSTANCE", "serve-test-1");
     let mut daemon = Daemon::spawn(cmd);
 
     let (ready, ready_at) = tokio::task::spawn_blocking(move || {
@@ -218,6 +219,7 @@ async fn serves_discord_and_matrix_at_once() {
         "synthia_time_to_first_token_seconds_count{platform=\"matrix\"} 1",
         "synthia_generation_seconds_count{platform=\"discord\"} 1",
         "synthia_queue_depth 0",
+        "synthia_instance_info{instance=\"serve-test-1\"} 1",
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
@@ -272,6 +274,10 @@ async fn serves_discord_and_matrix_at_once() {
         .as_str()
         .expect("a saved access token");
     assert!(log.contains("stopped"), "{log}");
+    assert!(
+        log.contains("serve{instance=serve-test-1}") && log.contains("memory opened"),
+        "the daemon's lines name its instance:\n{log}"
+    );
     for (what, secret) in [
         ("the Discord token", DISCORD_TOKEN),
         ("the Matrix password", bot_password.as_str()),

@@ -10,9 +10,10 @@ use super::ConfigError;
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemorySettings {
-    /// SQLite file path or `sqlite://` URL.
+    /// SQLite file path or `sqlite://` URL, or a `postgres://` (`postgresql://`) URL.
     pub database: String,
-    /// How long a writer waits for a lock before failing, in milliseconds.
+    /// How long a writer waits for a lock before failing, in milliseconds (SQLite's busy
+    /// timeout, PostgreSQL's `lock_timeout`).
     pub busy_timeout_ms: u32,
 }
 
@@ -26,14 +27,39 @@ impl Default for MemorySettings {
 }
 
 impl MemorySettings {
+    /// A value with a scheme must be one the store opens: a `postgres://` URL that parses, or
+    /// `sqlite://`; anything else would be taken for a file name.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.database.trim().is_empty() {
+        const KEY: &str = "memory.database";
+        let value = self.database.trim();
+        if value.is_empty() {
             return Err(ConfigError::new(
-                "memory.database",
-                "must name a SQLite file or sqlite:// URL",
+                KEY,
+                "must name a SQLite file, a sqlite:// URL or a postgres:// URL",
             ));
         }
-        Ok(())
+        let Some((scheme, _)) = value.split_once("://").filter(|(s, _)| {
+            s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        }) else {
+            return Ok(());
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(()),
+            "postgres" | "postgresql" => {
+                <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(value)
+                    .map(|_| ())
+                    .map_err(|e| {
+                        ConfigError::new(KEY, format!("is not a valid PostgreSQL URL: {e}"))
+                    })
+            }
+            other => Err(ConfigError::new(
+                KEY,
+                format!(
+                    "uses the scheme `{other}://`; use a SQLite path, sqlite://… or postgres://…"
+                ),
+            )),
+        }
     }
 }
 
@@ -94,12 +120,41 @@ impl LogSettings {
 pub struct ServiceSettings {
     /// Seconds replies in progress get to finish on SIGTERM/SIGINT before they are cancelled.
     pub shutdown_grace: u32,
+    /// This daemon's name in logs and metrics, so several sharing one memory can be told apart;
+    /// empty = the host name.
+    pub instance: String,
 }
 
 impl Default for ServiceSettings {
     fn default() -> Self {
-        Self { shutdown_grace: 20 }
+        Self {
+            shutdown_grace: 20,
+            instance: String::new(),
+        }
     }
+}
+
+impl ServiceSettings {
+    /// `service.instance`, or the host name when it is empty (`unknown` if even that fails).
+    pub fn instance_name(&self) -> String {
+        let configured = self.instance.trim();
+        if !configured.is_empty() {
+            return configured.to_string();
+        }
+        host_name().unwrap_or_else(|| "unknown".to_string())
+    }
+}
+
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -127,5 +182,55 @@ impl MetricsSettings {
                 "must be an address and port such as 127.0.0.1:9464, or empty to turn metrics off",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::load::tests::load_with;
+
+    #[test]
+    fn memory_database_names_sqlite_or_postgres() {
+        for ok in [
+            "data/synthia-bot.sqlite",
+            "sqlite://memory.sqlite?mode=rwc",
+            "postgres://synthia:secret@db.example:5432/synthia",
+            "postgresql://synthia@127.0.0.1/synthia?sslmode=disable",
+        ] {
+            let text = format!("[memory]\ndatabase = \"{ok}\"\n");
+            let settings = load_with(&text, &[]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(settings.memory.database, ok);
+        }
+        for (bad, needle) in [
+            ("", "must name"),
+            ("mysql://u:p@host/db", "mysql://"),
+            ("postgres://u@host:port/db", "not a valid PostgreSQL URL"),
+        ] {
+            let text = format!("[memory]\ndatabase = \"{bad}\"\n");
+            let err = load_with(&text, &[]).expect_err(bad);
+            assert_eq!(err.key, "memory.database", "{bad}: {err}");
+            assert!(err.to_string().contains(needle), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_instance_defaults_to_the_host_name() {
+        let settings = load_with("", &[]).unwrap();
+        assert_eq!(settings.service.instance, "");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(settings.service.instance_name(), host.trim());
+        let named = load_with("[service]\ninstance = \"eu-1\"\n", &[]).unwrap();
+        assert_eq!(named.service.instance_name(), "eu-1");
+    }
+
+    #[test]
+    fn the_database_url_may_come_from_the_environment() {
+        let url = "postgres://synthia:from-env@127.0.0.1:5432/synthia";
+        let settings = load_with(
+            "[memory]\ndatabase = \"data/file.sqlite\"\n",
+            &[("SYNTHIA_BOT__MEMORY__DATABASE", url)],
+        )
+        .unwrap();
+        assert_eq!(settings.memory.database, url);
     }
 }

@@ -55,13 +55,13 @@ impl Assistant {
             } else {
                 None
             };
-            Ok::<_, CoreError>(question)
+            Ok::<_, CoreError>((conv.id, question))
         }
         .await;
-        let question_id = match stored {
-            Ok(Some(Appended::Duplicate(_))) => return Outcome::Duplicate,
-            Ok(Some(Appended::New(id))) => Some(id),
-            Ok(None) => None,
+        let (conversation_id, question_id) = match stored {
+            Ok((_, Some(Appended::Duplicate(_)))) => return Outcome::Duplicate,
+            Ok((conv, Some(Appended::New(id)))) => (conv, Some(id)),
+            Ok((conv, None)) => (conv, None),
             Err(e) => {
                 tracing::error!(error = %e, "cannot store the question");
                 self.observer().error(msg.key.platform, e.kind());
@@ -74,10 +74,15 @@ impl Assistant {
         // One generation per conversation at a time; later messages wait in arrival order.
         let lock = self.conversation_lock(&msg.key);
         let _turn = lock.lock().await;
-        match self
-            .generate(&msg, &question, question_id, config, sink)
-            .await
-        {
+        // And across daemons sharing one PostgreSQL memory; a daemon that dies releases it.
+        let answered = match self.store.take_turn(conversation_id).await {
+            Ok(_shared_turn) => {
+                self.generate(&msg, &question, question_id, config, sink)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match answered {
             Ok(outcome) => outcome,
             Err(e) => {
                 // A full queue is load, not a fault: operators alert on ERROR.

@@ -1,7 +1,6 @@
 //! The records memory keeps, as Rust types, and how rows read back into them.
 
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{MemoryError, Result};
 use crate::chat::{ConversationKey, Role};
@@ -94,54 +93,90 @@ pub(super) const MESSAGE_COLUMNS: &str = "id, conversation_id, role, author_id, 
 
 pub(super) const CONVERSATION_COLUMNS: &str = "id, platform, space, channel, thread, reset_after, trim_after, system_prompt, temperature, max_new_tokens, private";
 
-pub(super) fn conversation_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Conversation> {
-    let platform: String = r.get(1);
-    let platform = platform
-        .parse()
-        .map_err(|e| MemoryError::Corrupt(format!("a conversation of {e}")))?;
-    Ok(Conversation {
-        id: r.get(0),
-        key: ConversationKey {
-            platform,
-            space: r.get(2),
-            channel: r.get(3),
-            thread: r.get(4),
-        },
-        reset_after: r.get(5),
-        trim_after: r.get(6),
-        settings: ConversationSettings {
-            system_prompt: r.get(7),
-            temperature: r.get(8),
-            max_new_tokens: r
-                .get::<Option<i64>, _>(9)
-                .map(|v| v.clamp(0, u32::MAX as i64) as u32),
-        },
-        private: r.get::<i64, _>(10) != 0,
-    })
+/// A `conversations` row as both drivers decode it (integers are 64-bit on both).
+#[derive(sqlx::FromRow)]
+pub(super) struct ConversationRow {
+    id: i64,
+    platform: String,
+    space: String,
+    channel: String,
+    thread: String,
+    reset_after: i64,
+    trim_after: i64,
+    system_prompt: Option<String>,
+    temperature: Option<f64>,
+    max_new_tokens: Option<i64>,
+    private: bool,
 }
 
-pub(super) fn message_from_row(r: &sqlx::sqlite::SqliteRow) -> StoredMessage {
-    let role: String = r.get(2);
-    let status: String = r.get(8);
-    StoredMessage {
-        id: r.get(0),
-        conversation_id: r.get(1),
-        role: if role == "assistant" {
-            Role::Assistant
-        } else {
-            Role::User
-        },
-        author_id: r.get(3),
-        author_name: r.get(4),
-        content: r.get(5),
-        platform_message_id: r.get(6),
-        reply_to: r.get(7),
-        status: Status::parse(&status),
-        token_count: r
-            .get::<Option<i64>, _>(9)
-            .map(|v| v.clamp(0, u32::MAX as i64) as u32),
-        token_key: r.get(10),
-        created_at: r.get(11),
-        edited_at: r.get(12),
+impl ConversationRow {
+    pub(super) fn into_conversation(self) -> Result<Conversation> {
+        let platform = self
+            .platform
+            .parse()
+            .map_err(|e| MemoryError::Corrupt(format!("a conversation of {e}")))?;
+        Ok(Conversation {
+            id: self.id,
+            key: ConversationKey {
+                platform,
+                space: self.space,
+                channel: self.channel,
+                thread: self.thread,
+            },
+            reset_after: self.reset_after,
+            trim_after: self.trim_after,
+            settings: ConversationSettings {
+                system_prompt: self.system_prompt,
+                temperature: self.temperature,
+                max_new_tokens: self.max_new_tokens.map(clamp_u32),
+            },
+            private: self.private,
+        })
     }
+}
+
+/// A `messages` row as both drivers decode it.
+#[derive(sqlx::FromRow)]
+pub(super) struct MessageRow {
+    id: i64,
+    conversation_id: i64,
+    role: String,
+    author_id: Option<String>,
+    author_name: Option<String>,
+    content: String,
+    platform_message_id: Option<String>,
+    reply_to: Option<i64>,
+    status: String,
+    token_count: Option<i64>,
+    token_key: Option<i64>,
+    created_at: i64,
+    edited_at: Option<i64>,
+}
+
+impl From<MessageRow> for StoredMessage {
+    fn from(r: MessageRow) -> StoredMessage {
+        StoredMessage {
+            id: r.id,
+            conversation_id: r.conversation_id,
+            role: if r.role == "assistant" {
+                Role::Assistant
+            } else {
+                Role::User
+            },
+            author_id: r.author_id,
+            author_name: r.author_name,
+            content: r.content,
+            platform_message_id: r.platform_message_id,
+            reply_to: r.reply_to,
+            status: Status::parse(&r.status),
+            token_count: r.token_count.map(clamp_u32),
+            token_key: r.token_key,
+            created_at: r.created_at,
+            edited_at: r.edited_at,
+        }
+    }
+}
+
+fn clamp_u32(v: i64) -> u32 {
+    v.clamp(0, i64::from(u32::MAX)) as u32
 }
