@@ -88,6 +88,7 @@ impl Settings {
         self.sampling.validate()?;
         self.prompt.validate()?;
         self.memory.validate()?;
+        self.service.validate()?;
         self.log.validate()?;
         self.discord.validate()?;
         self.metrics.validate()?;
@@ -157,6 +158,16 @@ mod tests {
                 "full Matrix user id",
             ),
             ("[log]\nformat = \"xml\"\n", "log.format", "xml"),
+            (
+                "[service]\nresume_window = 7200\nrestart_notice_window = 3600\n",
+                "service.resume_window",
+                "must not exceed service.restart_notice_window",
+            ),
+            (
+                "[service]\nrestart_notice_window = 99999999\n",
+                "service.restart_notice_window",
+                "at most",
+            ),
         ];
         for (text, key, needle) in cases {
             let err = load_with(text, &[]).expect_err(text);

@@ -75,7 +75,7 @@ impl Assistant {
         let lock = self.conversation_lock(&msg.key);
         let _turn = lock.lock().await;
         match self
-            .generate(&msg, &question, question_id, config, sink)
+            .generate(&msg, &question, question_id, config, sink, false)
             .await
         {
             Ok(outcome) => outcome,
@@ -93,13 +93,17 @@ impl Assistant {
         }
     }
 
-    async fn generate(
+    /// Generates and stores the reply to `question` (stored as `question_id`, unless not
+    /// remembered). A `resumed` question, taken up after a restart, has its reply stored only if
+    /// it has none yet.
+    pub(super) async fn generate(
         &self,
         msg: &Incoming,
         question: &str,
         question_id: Option<i64>,
         config: &CoreConfig,
         sink: &dyn ReplySink,
+        resumed: bool,
     ) -> Result<Outcome, CoreError> {
         if self.closing.load(std::sync::atomic::Ordering::Acquire) {
             return Err(WorkerError::Stopped.into());
@@ -204,6 +208,11 @@ impl Assistant {
         );
         // Not stored when the question was deleted while the reply was written.
         let reply_id = match question_id {
+            Some(q) if msg.remember && resumed => {
+                self.store
+                    .append_only_reply(conv.id, q, &result.text, status)
+                    .await?
+            }
             Some(q) if msg.remember => {
                 self.store
                     .append_assistant(&conv, Some(q), &result.text, status, None)

@@ -5,6 +5,7 @@ mod conversations;
 mod error;
 mod export;
 mod messages;
+mod pending;
 mod records;
 #[cfg(test)]
 mod tests;
@@ -18,6 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 pub use error::{MemoryError, Result};
 pub use export::{Exchange, pair_answers};
+pub use pending::{NoticeStatus, Unanswered};
 pub use records::{
     Affected, Appended, Conversation, ConversationSettings, NewUserTurn, Status, StoredMessage,
 };

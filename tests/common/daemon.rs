@@ -56,6 +56,20 @@ impl Daemon {
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
 
+    /// SIGKILL, as a crash or the OOM killer ends a process: nothing runs after it. Waits for
+    /// the process to be gone.
+    pub async fn sigkill(&mut self) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: signalling the child this test started, by its PID.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let status = self.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status:?}"
+        );
+    }
+
     pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let status = tokio::time::timeout(within, self.child.wait())
             .await

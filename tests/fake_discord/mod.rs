@@ -30,6 +30,8 @@ pub struct Call {
     pub body: Value,
     pub at: Instant,
     pub status: u16,
+    /// The id of the message a successful create returned.
+    pub created_id: Option<String>,
 }
 
 enum GwCommand {
@@ -216,6 +218,13 @@ impl FakeDiscord {
             .expect("gateway connection gone");
     }
 
+    /// Sends a dispatch if a client is connected; false when none is (it was killed, or has
+    /// not identified yet), so load generators can keep sending across restarts.
+    pub fn try_dispatch(&self, t: &str, d: Value) -> bool {
+        let tx = self.shared.gateway.lock().unwrap().clone();
+        tx.is_some_and(|tx| tx.send(GwCommand::Dispatch(t.to_string(), d)).is_ok())
+    }
+
     /// Closes the gateway with 4000 (the client resumes); `replay` is sent again after RESUMED,
     /// as Discord replays events the client missed.
     pub async fn close_for_resume(&self, replay: Vec<(String, Value)>) {
@@ -291,12 +300,24 @@ impl FakeDiscord {
 }
 
 fn record(s: &Shared, method: &str, path: &str, body: Value, status: u16) {
+    record_created(s, method, path, body, status, None);
+}
+
+fn record_created(
+    s: &Shared,
+    method: &str,
+    path: &str,
+    body: Value,
+    status: u16,
+    created_id: Option<String>,
+) {
     s.calls.lock().unwrap().push(Call {
         method: method.into(),
         path: path.into(),
         body,
         at: Instant::now(),
         status,
+        created_id,
     });
     s.changed.notify_waiters();
 }
@@ -374,8 +395,10 @@ async fn create_message(
     body: String,
 ) -> Response {
     let body = parse(&body);
-    record(&s, "POST", uri.path(), body.clone(), 200);
-    axum::Json(bot_message(&s, &channel, &body, None)).into_response()
+    let created = bot_message(&s, &channel, &body, None);
+    let id = created["id"].as_str().map(str::to_string);
+    record_created(&s, "POST", uri.path(), body, 200, id);
+    axum::Json(created).into_response()
 }
 
 async fn edit_message(

@@ -15,7 +15,7 @@ use super::surface::{Target, discord_reply};
 use super::trigger::{Facts, classify, strip_mention};
 use crate::chat::{Author, ConversationKey, Incoming, Platform, Request};
 use crate::config::DiscordSettings;
-use crate::core::Assistant;
+use crate::core::{Assistant, PendingQuestion, ReplySink, ResumeSinks};
 
 /// Serenity's event handler: turns events into calls on the core.
 pub(super) struct Handler {
@@ -236,6 +236,12 @@ impl EventHandler for Handler {
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot register slash commands");
         }
+        // Questions the last run accepted but never answered; the core takes them up once.
+        let replies = Arc::new(ResumedReplies {
+            http: ctx.http.clone(),
+            interval: self.interval(),
+        });
+        tokio::spawn(self.assistant.clone().resume(Platform::Discord, replies));
     }
 
     async fn message(&self, ctx: Context, msg: Message) {
@@ -293,5 +299,44 @@ impl EventHandler for Handler {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(thread.id);
         }
+    }
+}
+
+/// Replies to stored questions after a restart: in the question's thread or channel, as a reply
+/// to its message. A slash command's interaction has expired by then, so its answer is posted
+/// in the channel without a reference.
+struct ResumedReplies {
+    http: Arc<serenity::http::Http>,
+    interval: Duration,
+}
+
+#[async_trait::async_trait]
+impl ResumeSinks for ResumedReplies {
+    async fn sink_for(&self, question: &PendingQuestion) -> Option<Box<dyn ReplySink>> {
+        let key = &question.key;
+        let place = if key.thread.is_empty() {
+            &key.channel
+        } else {
+            &key.thread
+        };
+        let channel = match place.parse::<u64>() {
+            Ok(id) if id != 0 => ChannelId::new(id),
+            _ => {
+                tracing::warn!(conversation = %key, "a stored Discord conversation without a channel id");
+                return None;
+            }
+        };
+        let reply_to = question
+            .message_id
+            .as_deref()
+            .and_then(|id| id.parse::<u64>().ok())
+            .filter(|&id| id != 0)
+            .map(MessageId::new);
+        Some(Box::new(discord_reply(
+            self.http.clone(),
+            Target::Channel { channel, reply_to },
+            self.interval,
+            0,
+        )))
     }
 }
