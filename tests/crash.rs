@@ -123,7 +123,11 @@ fn discord_shown(fake: &FakeDiscord) -> Vec<Shown> {
 }
 
 /// The stored replies to the question with this platform id.
-async fn replies_to(store: &Store, key: &ConversationKey, platform_id: &str) -> Vec<(i64, String, Status)> {
+async fn replies_to(
+    store: &Store,
+    key: &ConversationKey,
+    platform_id: &str,
+) -> Vec<(i64, String, Status)> {
     let Ok(Some(conv)) = store.find_conversation(key).await else {
         return Vec::new();
     };
@@ -187,7 +191,13 @@ async fn questions_left_unanswered_are_taken_up_once_after_a_restart() {
         }
         let answered = store.all_messages(conv.id).await.unwrap()[2].id;
         store
-            .append_assistant(&conv, Some(answered), "A moon orbits a planet.", Status::Complete, None)
+            .append_assistant(
+                &conv,
+                Some(answered),
+                "A moon orbits a planet.",
+                Status::Complete,
+                None,
+            )
             .await
             .unwrap();
         store.close().await;
@@ -225,7 +235,10 @@ async fn questions_left_unanswered_are_taken_up_once_after_a_restart() {
     let second = replies_to(&store, &key, "7005").await;
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(second.len(), 1, "{second:?}");
-    assert!(first[0].0 < second[0].0, "answered in order: {first:?} {second:?}");
+    assert!(
+        first[0].0 < second[0].0,
+        "answered in order: {first:?} {second:?}"
+    );
     // What Discord shows: each recent question answered by one reply carrying the stored text.
     let settle = || async {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -247,9 +260,20 @@ async fn questions_left_unanswered_are_taken_up_once_after_a_restart() {
             .count()
     };
     assert_eq!(to("7002"), 1, "one restart notice: {shown:?}");
-    assert_eq!(to("7001"), 0, "a question two days old is left alone: {shown:?}");
-    assert_eq!(to("7003"), 0, "an answered question is not answered again: {shown:?}");
-    assert!(replies_to(&store, &key, "7002").await.is_empty(), "a notice is no answer");
+    assert_eq!(
+        to("7001"),
+        0,
+        "a question two days old is left alone: {shown:?}"
+    );
+    assert_eq!(
+        to("7003"),
+        0,
+        "an answered question is not answered again: {shown:?}"
+    );
+    assert!(
+        replies_to(&store, &key, "7002").await.is_empty(),
+        "a notice is no answer"
+    );
     assert!(replies_to(&store, &key, "7001").await.is_empty());
     assert_eq!(replies_to(&store, &key, "7003").await.len(), 1);
     let pool = raw(dir.path()).await;
@@ -326,12 +350,17 @@ async fn check_store_after_kill(dir: &Path) {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(doubled, 0, "no question answered twice or answered and noticed");
+    assert_eq!(
+        doubled, 0,
+        "no question answered twice or answered and noticed"
+    );
     pool.close().await;
 }
 
 /// Every stored question with how many replies and whether a notice is recorded.
-async fn outcomes(pool: &sqlx::SqlitePool) -> Vec<(String, String, Vec<(String, String)>, Option<String>)> {
+async fn outcomes(
+    pool: &sqlx::SqlitePool,
+) -> Vec<(String, String, Vec<(String, String)>, Option<String>)> {
     let rows: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT m.id, c.platform, m.platform_message_id FROM messages m
          JOIN conversations c ON c.id = m.conversation_id WHERE m.role = 'user' ORDER BY m.id",
@@ -438,7 +467,10 @@ async fn crash_loop_loses_nothing_and_answers_nothing_twice() {
                     CHANNEL,
                     Some(GUILD),
                     (5001, "alice"),
-                    &format!("<@{}> question {id}: tell me something", fake_discord::BOT_ID),
+                    &format!(
+                        "<@{}> question {id}: tell me something",
+                        fake_discord::BOT_ID
+                    ),
                     &[fake_discord::BOT_ID],
                     None,
                 );
@@ -459,7 +491,11 @@ async fn crash_loop_loses_nothing_and_answers_nothing_twice() {
             while sending.load(Ordering::Acquire) {
                 sent += 1;
                 alice
-                    .send(room, &format!("question {sent}: tell me more"), Some(bot_user))
+                    .send(
+                        room,
+                        &format!("question {sent}: tell me more"),
+                        Some(bot_user),
+                    )
                     .await;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(300..900))).await;
             }
@@ -487,9 +523,11 @@ async fn crash_loop_loses_nothing_and_answers_nothing_twice() {
 
     // The last run takes up what the last kill left and answers what is still arriving.
     let pool = raw(dir.path()).await;
-    eventually("every stored question answered or noticed", Duration::from_secs(300), || async {
-        all_taken_up(&pool).await.then_some(())
-    })
+    eventually(
+        "every stored question answered or noticed",
+        Duration::from_secs(300),
+        || async { all_taken_up(&pool).await.then_some(()) },
+    )
     .await;
     // The last edits settle before anything is compared.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -530,7 +568,9 @@ async fn crash_loop_loses_nothing_and_answers_nothing_twice() {
         } else {
             matrix
                 .iter()
-                .filter(|r| r.replies_to().as_ref().map(|e| e.as_str()) == Some(platform_id.as_str()))
+                .filter(|r| {
+                    r.replies_to().as_ref().map(|e| e.as_str()) == Some(platform_id.as_str())
+                })
                 .map(|r| {
                     let mut t = vec![r.first_body.clone()];
                     t.extend(r.edits.iter().cloned());
@@ -572,6 +612,12 @@ async fn crash_loop_loses_nothing_and_answers_nothing_twice() {
         started.elapsed().as_secs_f64()
     );
     assert!(tally.unanswered.is_empty(), "{tally:?}");
-    assert!(tally.questions > kills, "questions kept arriving: {tally:?}");
-    assert!(tally.answers > 0 && tally.notices > 0, "both outcomes happened: {tally:?}");
+    assert!(
+        tally.questions > kills,
+        "questions kept arriving: {tally:?}"
+    );
+    assert!(
+        tally.answers > 0 && tally.notices > 0,
+        "both outcomes happened: {tally:?}"
+    );
 }

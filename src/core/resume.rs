@@ -87,7 +87,11 @@ impl Assistant {
     /// Takes up the platform's unanswered questions: each conversation in its own task, its
     /// questions in order while holding its turn, so a message arriving meanwhile waits behind
     /// them. Runs once per platform per process; later calls (reconnects) return at once.
-    pub async fn resume(self: Arc<Self>, platform: Platform, sinks: Arc<dyn ResumeSinks>) -> Resumed {
+    pub async fn resume(
+        self: Arc<Self>,
+        platform: Platform,
+        sinks: Arc<dyn ResumeSinks>,
+    ) -> Resumed {
         if !self.resume.first_for(platform) {
             return Resumed::default();
         }
@@ -96,11 +100,7 @@ impl Assistant {
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let answer_since = started.saturating_sub(ms(windows.answer));
         let notice_since = started.saturating_sub(ms(windows.notice));
-        let found = match self
-            .store
-            .unanswered(platform, notice_since, started)
-            .await
-        {
+        let found = match self.store.unanswered(platform, notice_since, started).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::error!(platform = %platform, error = %e, "cannot look for questions left unanswered");
@@ -186,12 +186,7 @@ impl Assistant {
     }
 
     /// Answers or notices one question; what it did, or `None` when it did neither.
-    async fn resume_one(
-        &self,
-        q: Unanswered,
-        take: Take,
-        sinks: &dyn ResumeSinks,
-    ) -> Option<Take> {
+    async fn resume_one(&self, q: Unanswered, take: Take, sinks: &dyn ResumeSinks) -> Option<Take> {
         if self.closing.load(std::sync::atomic::Ordering::Acquire) {
             return None;
         }
@@ -240,7 +235,14 @@ impl Assistant {
                 sink.typing().await;
                 let config = self.config();
                 match self
-                    .generate(&msg, &q.question.content, Some(q.question.id), &config, &*sink, true)
+                    .generate(
+                        &msg,
+                        &q.question.content,
+                        Some(q.question.id),
+                        &config,
+                        &*sink,
+                        true,
+                    )
                     .await
                 {
                     Ok(Outcome::Answered { .. }) => {

@@ -247,10 +247,22 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
         Appended::New(id) => id,
         Appended::Duplicate(_) => panic!("new"),
     };
-    let q1 = new(store.append_user(&conv, &user("one", Some("$1"))).await.unwrap());
-    let q2 = new(store.append_user(&conv, &user("two", Some("$2"))).await.unwrap());
-    let q3 = new(store.append_user(&conv, &user("three", Some("$3"))).await.unwrap());
-    store.append_user(&other, &user("elsewhere", Some("d1"))).await.unwrap();
+    let q1 = new(store
+        .append_user(&conv, &user("one", Some("$1")))
+        .await
+        .unwrap());
+    let q2 = new(store
+        .append_user(&conv, &user("two", Some("$2")))
+        .await
+        .unwrap());
+    let q3 = new(store
+        .append_user(&conv, &user("three", Some("$3")))
+        .await
+        .unwrap());
+    store
+        .append_user(&other, &user("elsewhere", Some("d1")))
+        .await
+        .unwrap();
     store
         .append_assistant(&conv, Some(q2), "answered", Status::Complete, None)
         .await
@@ -258,11 +270,19 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
     let until = now_ms() + 1;
     let found = store.unanswered(Platform::Matrix, 0, until).await.unwrap();
     let ids: Vec<i64> = found.iter().map(|u| u.question.id).collect();
-    assert_eq!(ids, vec![q1, q3], "answered and other platforms' questions are not pending");
+    assert_eq!(
+        ids,
+        vec![q1, q3],
+        "answered and other platforms' questions are not pending"
+    );
     assert_eq!(found[0].key, key);
     assert_eq!(found[0].question.platform_message_id.as_deref(), Some("$1"));
     assert!(
-        store.unanswered(Platform::Matrix, until, until + 1000).await.unwrap().is_empty(),
+        store
+            .unanswered(Platform::Matrix, until, until + 1000)
+            .await
+            .unwrap()
+            .is_empty(),
         "the window bounds by acceptance time"
     );
 
@@ -273,11 +293,17 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
         .unwrap();
     assert!(first.is_some());
     assert_eq!(
-        store.append_only_reply(conv.id, q1, "again", Status::Complete).await.unwrap(),
+        store
+            .append_only_reply(conv.id, q1, "again", Status::Complete)
+            .await
+            .unwrap(),
         None
     );
     assert_eq!(
-        store.append_only_reply(conv.id, q2, "again", Status::Complete).await.unwrap(),
+        store
+            .append_only_reply(conv.id, q2, "again", Status::Complete)
+            .await
+            .unwrap(),
         None,
         "a question answered live is not answered again"
     );
@@ -286,16 +312,31 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
     assert!(!store.claim_restart_notice(q1).await.unwrap());
     assert!(store.claim_restart_notice(q3).await.unwrap());
     assert!(!store.claim_restart_notice(q3).await.unwrap());
-    assert_eq!(store.restart_notice(q3).await.unwrap(), Some(NoticeStatus::Claimed));
+    assert_eq!(
+        store.restart_notice(q3).await.unwrap(),
+        Some(NoticeStatus::Claimed)
+    );
     store.mark_restart_notice_sent(q3).await.unwrap();
-    assert_eq!(store.restart_notice(q3).await.unwrap(), Some(NoticeStatus::Sent));
-    assert!(store.unanswered(Platform::Matrix, 0, until).await.unwrap().is_empty());
+    assert_eq!(
+        store.restart_notice(q3).await.unwrap(),
+        Some(NoticeStatus::Sent)
+    );
+    assert!(
+        store
+            .unanswered(Platform::Matrix, 0, until)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // The notice is not a message: the prompt's history and export do not see it.
     assert_eq!(store.since_reset(&conv).await.unwrap().len(), 5);
     let exchanges = store.exchanges(&conv).await.unwrap();
     assert_eq!(exchanges[2].answer, None);
 
     // Deleting the question on the platform takes its notice with it.
-    store.delete_by_platform_id(Platform::Matrix, "$3").await.unwrap();
+    store
+        .delete_by_platform_id(Platform::Matrix, "$3")
+        .await
+        .unwrap();
     assert_eq!(store.restart_notice(q3).await.unwrap(), None);
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use matrix_sdk::Client;
-use matrix_sdk::config::SyncSettings;
 use matrix_sdk::RoomState;
+use matrix_sdk::config::SyncSettings;
 use matrix_sdk::ruma::events::relation::Thread;
 use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
 use tokio::sync::watch;
