@@ -993,10 +993,9 @@ fn replies_by_question(calls: &[Call]) -> std::collections::HashMap<String, Show
 
 /// Many conversations at once through the fake Discord: every question is answered once (or
 /// told the bot is busy, its question kept), every answer shows exactly what is stored, and
-/// the bot never sends Discord more than 50 requests in any second. Prints the figures.
-/// A few minutes on two cores: `scripts/stress` runs it.
+/// the bot never sends Discord more than 50 requests in any second. Prints the figures (about a
+/// minute on two cores; `scripts/stress` runs it alone, with its output, at any size).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a load test of a few minutes; scripts/stress runs it"]
 async fn load_many_conversations_answered_once_within_the_request_limit() {
     let conversations = env_or("SYNTHIA_STRESS_CONVERSATIONS", 200) as u64;
     let per = env_or("SYNTHIA_STRESS_MESSAGES", 5) as u64;
