@@ -97,7 +97,7 @@ fn discord_shown(fake: &FakeDiscord) -> Vec<Shown> {
         let content = c.body["content"].as_str().unwrap_or("").to_string();
         match c.method.as_str() {
             "POST" if c.path.ends_with("/messages") => {
-                let Some(id) = c.created_id.clone() else {
+                let Some(id) = c.message_id.clone() else {
                     continue;
                 };
                 out.push((

@@ -25,6 +25,44 @@ pub trait Surface: Send + Sync {
     /// How often the typing indicator must be renewed; `None` where there is none.
     fn typing_interval(&self) -> Option<Duration>;
     async fn set_typing(&self, on: bool);
+    /// Keeps the typing indicator on until the hold is dropped; `None` where there is none.
+    /// By default a task of this reply's own renews it every `typing_interval`; a platform
+    /// whose indicator belongs to a whole channel shares one between the replies there.
+    fn hold_typing(self: Arc<Self>) -> Option<TypingHold>
+    where
+        Self: Sized + 'static,
+    {
+        let every = self.typing_interval()?;
+        let task = tokio::spawn(async move {
+            loop {
+                self.set_typing(true).await;
+                tokio::time::sleep(every).await;
+            }
+        });
+        Some(TypingHold::new(AbortOnDrop(task)))
+    }
+}
+
+/// Whatever keeps a typing indicator on; dropping it lets the indicator go.
+pub struct TypingHold {
+    _keeps: Box<dyn Send + Sync>,
+}
+
+impl TypingHold {
+    pub fn new(keeps: impl Send + Sync + 'static) -> Self {
+        Self {
+            _keeps: Box::new(keeps),
+        }
+    }
+}
+
+/// A renewing task, ended with its hold.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Shown<Id> {
@@ -242,12 +280,8 @@ async fn render<S: Surface>(surface: &S, shown: &mut Shown<S::Id>, text: &str) {
 #[async_trait::async_trait]
 impl<S: Surface + 'static> ReplySink for StreamedReply<S> {
     async fn typing(&self) {
-        if let Some(every) = self.surface.typing_interval() {
-            let surface = self.surface.clone();
-            self.typing.start(every, move || {
-                let surface = surface.clone();
-                async move { surface.set_typing(true).await }
-            });
+        if let Some(hold) = self.surface.clone().hold_typing() {
+            self.typing.start(hold);
         }
     }
 
@@ -272,48 +306,25 @@ impl<S: Surface + 'static> ReplySink for StreamedReply<S> {
     }
 }
 
-/// A typing indicator kept alive by a task until the reply ends.
+/// A reply's typing indicator, kept on until the reply ends.
 #[derive(Default)]
-pub struct Typing(Mutex<Option<tokio::task::JoinHandle<()>>>);
+pub struct Typing(Mutex<Option<TypingHold>>);
 
 impl Typing {
-    /// Runs `renew` now and then every `every`, replacing any earlier indicator task.
-    pub fn start<F, Fut>(&self, every: Duration, renew: F)
-    where
-        F: Fn() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        let task = tokio::spawn(async move {
-            loop {
-                renew().await;
-                tokio::time::sleep(every).await;
-            }
-        });
-        if let Some(old) = self
+    /// Keeps `hold` until [`Typing::stop`], replacing any earlier one.
+    pub fn start(&self, hold: TypingHold) {
+        let old = self
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .replace(task)
-        {
-            old.abort();
-        }
+            .replace(hold);
+        drop(old);
     }
 
-    /// Stops renewing; true if an indicator was running.
+    /// Lets the indicator go; true if one was on.
     pub fn stop(&self) -> bool {
-        match self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(t) => {
-                t.abort();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-impl Drop for Typing {
-    fn drop(&mut self) {
-        self.stop();
+        let hold = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        hold.is_some()
     }
 }
 

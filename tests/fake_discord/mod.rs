@@ -30,8 +30,18 @@ pub struct Call {
     pub body: Value,
     pub at: Instant,
     pub status: u16,
-    /// The id of the message a successful create returned.
-    pub created_id: Option<String>,
+    /// The message a successful post or edit created or changed.
+    pub message_id: Option<String>,
+}
+
+/// How the fake answers an edit instead of applying it.
+#[derive(Debug, Clone, Copy)]
+pub enum EditFailure {
+    /// Discord's edge: 502 with an HTML page, no JSON.
+    BadGateway,
+    /// 429 with `retry_after` (seconds) in the body and in the `Retry-After` (whole seconds,
+    /// rounded up) and `X-RateLimit-Reset-After` headers, as Discord sends them.
+    RateLimited { retry_after: f64 },
 }
 
 enum GwCommand {
@@ -51,6 +61,9 @@ struct Shared {
     identifies: AtomicUsize,
     resumes: AtomicUsize,
     fail_edits: AtomicUsize,
+    edit_failures: Mutex<std::collections::VecDeque<EditFailure>>,
+    /// Messages created with `enforce_nonce`, by nonce: Discord answers a repeat with the first.
+    nonces: Mutex<std::collections::HashMap<String, Value>>,
     replay_on_resume: Mutex<Vec<(String, Value)>>,
     /// Events sent in the same burst as READY, just ahead of it.
     with_ready: Mutex<Vec<(String, Value)>>,
@@ -218,8 +231,8 @@ impl FakeDiscord {
             .expect("gateway connection gone");
     }
 
-    /// Sends a dispatch if a client is connected; false when none is (it was killed, or has
-    /// not identified yet), so load generators can keep sending across restarts.
+    /// Like [`Self::dispatch`], but answers false instead of failing while no client is
+    /// connected (a test that kills the bot keeps sending).
     pub fn try_dispatch(&self, t: &str, d: Value) -> bool {
         let tx = self.shared.gateway.lock().unwrap().clone();
         tx.is_some_and(|tx| tx.send(GwCommand::Dispatch(t.to_string(), d)).is_ok())
@@ -266,6 +279,11 @@ impl FakeDiscord {
         self.shared.fail_edits.store(n, Ordering::SeqCst);
     }
 
+    /// The next edits are answered with `failures`, in order, before any edit succeeds.
+    pub fn fail_edits_with(&self, failures: Vec<EditFailure>) {
+        self.shared.edit_failures.lock().unwrap().extend(failures);
+    }
+
     /// When the client first called `path`.
     pub fn first_call_at(&self, path: &str) -> Option<Instant> {
         self.calls().iter().find(|c| c.path == path).map(|c| c.at)
@@ -300,16 +318,16 @@ impl FakeDiscord {
 }
 
 fn record(s: &Shared, method: &str, path: &str, body: Value, status: u16) {
-    record_created(s, method, path, body, status, None);
+    record_message(s, method, path, body, status, None);
 }
 
-fn record_created(
+fn record_message(
     s: &Shared,
     method: &str,
     path: &str,
     body: Value,
     status: u16,
-    created_id: Option<String>,
+    message_id: Option<String>,
 ) {
     s.calls.lock().unwrap().push(Call {
         method: method.into(),
@@ -317,7 +335,7 @@ fn record_created(
         body,
         at: Instant::now(),
         status,
-        created_id,
+        message_id,
     });
     s.changed.notify_waiters();
 }
@@ -395,10 +413,48 @@ async fn create_message(
     body: String,
 ) -> Response {
     let body = parse(&body);
-    let created = bot_message(&s, &channel, &body, None);
-    let id = created["id"].as_str().map(str::to_string);
-    record_created(&s, "POST", uri.path(), body, 200, id);
-    axum::Json(created).into_response()
+    let nonce = body["nonce"]
+        .as_str()
+        .filter(|_| body["enforce_nonce"] == json!(true))
+        .map(str::to_string);
+    if let Some(n) = &nonce
+        && let Some(first) = s.nonces.lock().unwrap().get(n).cloned()
+    {
+        let id = first["id"].as_str().map(str::to_string);
+        record_message(&s, "POST", uri.path(), body, 200, id);
+        return axum::Json(first).into_response();
+    }
+    let m = bot_message(&s, &channel, &body, None);
+    if let Some(n) = nonce {
+        s.nonces.lock().unwrap().insert(n, m.clone());
+    }
+    let id = m["id"].as_str().map(str::to_string);
+    record_message(&s, "POST", uri.path(), body, 200, id);
+    axum::Json(m).into_response()
+}
+
+/// Discord's edge answering for an API it cannot reach.
+const BAD_GATEWAY_PAGE: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n";
+
+fn edit_failure(f: EditFailure) -> Response {
+    match f {
+        EditFailure::BadGateway => (
+            StatusCode::BAD_GATEWAY,
+            [("content-type", "text/html")],
+            BAD_GATEWAY_PAGE,
+        )
+            .into_response(),
+        EditFailure::RateLimited { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                ("retry-after", retry_after.ceil().to_string()),
+                ("x-ratelimit-reset-after", format!("{retry_after:.3}")),
+                ("x-ratelimit-scope", "user".to_string()),
+            ],
+            axum::Json(json!({ "message": "You are being rate limited.", "retry_after": retry_after, "global": false, "code": 0 })),
+        )
+            .into_response(),
+    }
 }
 
 async fn edit_message(
@@ -408,6 +464,15 @@ async fn edit_message(
     body: String,
 ) -> Response {
     let body = parse(&body);
+    let scripted = s.edit_failures.lock().unwrap().pop_front();
+    if let Some(f) = scripted {
+        let status = match f {
+            EditFailure::BadGateway => 502,
+            EditFailure::RateLimited { .. } => 429,
+        };
+        record(&s, "PATCH", uri.path(), body, status);
+        return edit_failure(f);
+    }
     let failing = s
         .fail_edits
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -421,14 +486,16 @@ async fn edit_message(
         )
             .into_response();
     }
-    record(&s, "PATCH", uri.path(), body.clone(), 200);
+    record_message(&s, "PATCH", uri.path(), body.clone(), 200, Some(id.clone()));
     axum::Json(bot_message(&s, &channel, &body, Some(id))).into_response()
 }
 
 async fn create_followup(AxState(s): AxState<Arc<Shared>>, uri: Uri, body: String) -> Response {
     let body = parse(&body);
-    record(&s, "POST", uri.path(), body.clone(), 200);
-    axum::Json(bot_message(&s, &CHANNEL.to_string(), &body, None)).into_response()
+    let m = bot_message(&s, &CHANNEL.to_string(), &body, None);
+    let id = m["id"].as_str().map(str::to_string);
+    record_message(&s, "POST", uri.path(), body, 200, id);
+    axum::Json(m).into_response()
 }
 
 async fn edit_webhook(

@@ -9,6 +9,7 @@ use serenity::all::{GatewayIntents, HttpBuilder};
 use serenity::http::HttpError;
 
 use super::handler::Handler;
+use super::rest::{REQUEST_TIMEOUT, Rest};
 use super::surface::no_mentions;
 use crate::adapters::{ConnectError, until_stopped};
 use crate::config::DiscordSettings;
@@ -32,12 +33,27 @@ impl DiscordClient {
     ) -> Result<Self, ConnectError> {
         let base = settings.api_base.trim_end_matches('/');
         let base = base.strip_suffix("/api/v10").unwrap_or(base);
-        let mut builder = HttpBuilder::new(&settings.token).default_allowed_mentions(no_mentions());
-        if base != DISCORD_BASE {
-            // serenity's rate limiter would bypass the proxy: our own back-off handles 429s.
-            builder = builder.proxy(base).ratelimiter_disabled(true);
-        }
-        let http = builder.build();
+        // One connection pool for serenity and the adapter's own requests, with a deadline on
+        // each request so a dropped connection is retried instead of waited on for ever.
+        let pool = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| {
+                ConnectError::Misconfigured(format!("cannot set up HTTP for Discord: {e}"))
+            })?;
+        let http = || {
+            let mut builder = HttpBuilder::new(&settings.token)
+                .client(pool.clone())
+                .default_allowed_mentions(no_mentions());
+            if base != DISCORD_BASE {
+                // serenity's rate limiter would bypass the proxy: `Rest` retries 429s itself.
+                builder = builder.proxy(base).ratelimiter_disabled(true);
+            }
+            builder.build()
+        };
+        let rest = Arc::new(Rest::new(Arc::new(http()), pool.clone()));
+        let http = http();
+        rest.limiter().acquire().await;
         let gateway = http
             .get_gateway()
             .await
@@ -48,6 +64,7 @@ impl DiscordClient {
                 gateway.url
             )));
         }
+        rest.limiter().acquire().await;
         let me = http
             .get_current_user()
             .await
@@ -56,7 +73,7 @@ impl DiscordClient {
             | GatewayIntents::GUILD_MESSAGES
             | GatewayIntents::DIRECT_MESSAGES
             | GatewayIntents::MESSAGE_CONTENT;
-        let handler = Handler::new(assistant, settings.clone(), me.id);
+        let handler = Handler::new(assistant, settings.clone(), me.id, rest);
         let client = serenity::client::ClientBuilder::new_with_http(http, intents)
             .event_handler(handler)
             .await
