@@ -12,6 +12,7 @@ mod limits;
 mod live;
 mod observer;
 mod prompter;
+mod retry;
 mod sink;
 pub mod text;
 
