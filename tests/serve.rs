@@ -272,6 +272,13 @@ async fn serves_discord_and_matrix_at_once() {
         .as_str()
         .expect("a saved access token");
     assert!(log.contains("stopped"), "{log}");
+    // Operators alert on ERROR: a whole ordinary session (login, first sends, a reply cut by
+    // SIGTERM) logs nothing there.
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(
+        errors.is_empty(),
+        "ERROR lines in an ordinary session:\n{errors:#?}"
+    );
     for (what, secret) in [
         ("the Discord token", DISCORD_TOKEN),
         ("the Matrix password", bot_password.as_str()),

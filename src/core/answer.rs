@@ -1,20 +1,32 @@
 //! Answering a question: stored before anything else, one generation per conversation at a time,
 //! streamed into the sink, and the reply stored whole.
 
-use super::{Answering, Assistant, CoreConfig, CoreError, Outcome, ReplyReport, ReplySink, text};
-use crate::chat::{Incoming, Role};
+use super::{
+    Answering, Assistant, CoreConfig, CoreError, Outcome, ReplyReport, ReplySink, retry, text,
+};
+use crate::chat::{ConversationKey, Incoming, Role};
 use crate::inference::{
     FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError,
 };
-use crate::memory::{Appended, NewUserTurn, Status};
+use crate::memory::{Appended, Conversation, NewUserTurn, Status};
 use crate::prompt::Turn;
 
 impl Assistant {
+    /// The conversation, created on its first message. Looked up before anything is written, so
+    /// a conversation that exists is served even while the database cannot be written.
+    async fn conversation(&self, key: &ConversationKey) -> Result<Conversation, CoreError> {
+        Ok(match self.store.find_conversation(key).await? {
+            Some(conv) => conv,
+            None => self.store.conversation(key).await?,
+        })
+    }
+
     /// Stores the question, waits for the conversation's turn, generates and stores the reply.
     pub(super) async fn answer(
         &self,
         msg: Incoming,
         question: String,
+        arrived: std::time::Instant,
         config: &CoreConfig,
         sink: &dyn ReplySink,
     ) -> Outcome {
@@ -33,8 +45,8 @@ impl Assistant {
             return Outcome::Rejected;
         }
         // The user turn is stored before anything else, so a crash or restart loses nothing.
-        let stored = async {
-            let conv = self.store.conversation(&msg.key).await?;
+        let stored = retry::storing("question", || async {
+            let conv = self.conversation(&msg.key).await?;
             if conv.private != msg.is_private {
                 self.store.set_private(&conv, msg.is_private).await?;
             }
@@ -56,7 +68,7 @@ impl Assistant {
                 None
             };
             Ok::<_, CoreError>(question)
-        }
+        })
         .await;
         let question_id = match stored {
             Ok(Some(Appended::Duplicate(_))) => return Outcome::Duplicate,
@@ -75,7 +87,7 @@ impl Assistant {
         let lock = self.conversation_lock(&msg.key);
         let _turn = lock.lock().await;
         match self
-            .generate(&msg, &question, question_id, config, sink, false)
+            .generate(&msg, &question, question_id, arrived, config, sink, false)
             .await
         {
             Ok(outcome) => outcome,
@@ -101,6 +113,7 @@ impl Assistant {
         msg: &Incoming,
         question: &str,
         question_id: Option<i64>,
+        arrived: std::time::Instant,
         config: &CoreConfig,
         sink: &dyn ReplySink,
         resumed: bool,
@@ -109,7 +122,7 @@ impl Assistant {
             return Err(WorkerError::Stopped.into());
         }
         // Reload: settings may have changed while this message waited its turn.
-        let conv = self.store.conversation(&msg.key).await?;
+        let conv = self.conversation(&msg.key).await?;
         if let Some(id) = question_id
             && self.store.message(id).await?.is_none()
         {
@@ -154,18 +167,19 @@ impl Assistant {
                 .map(|s| s.to_string())
                 .collect(),
         };
-        let submitted = std::time::Instant::now();
         let mut handle = self.worker.submit(request)?;
         let cancel = handle.cancel_token();
         self.in_flight
             .track(&msg.key, msg.message_id.clone(), cancel.clone());
         let mut text_so_far = String::new();
         let mut result = None;
+        let mut first_token = None;
         while let Some(event) = handle.next().await {
             match event {
                 GenerationEvent::Queued { position } => sink.queued(position).await,
                 GenerationEvent::Started { .. } => {}
                 GenerationEvent::Delta(d) => {
+                    first_token.get_or_insert_with(|| arrived.elapsed());
                     text_so_far.push_str(&d);
                     sink.update(&text_so_far).await;
                 }
@@ -191,8 +205,11 @@ impl Assistant {
                 prompt_tokens: result.prompt_tokens,
                 reused_tokens: result.reused_tokens,
                 completion_tokens: result.completion_tokens,
-                time_to_first_token: result.time_to_first_token,
-                generation_time: submitted.elapsed(),
+                // A reply whose first token ended it streamed nothing: its first token came
+                // with the result.
+                time_to_first_token: first_token
+                    .or_else(|| (result.time_to_first_token.is_some()).then(|| arrived.elapsed())),
+                generation_time: result.prefill_time + result.decode_time,
                 trimmed_turns: prepared.built.trimmed_turns,
             },
         );
@@ -209,14 +226,22 @@ impl Assistant {
         // Not stored when the question was deleted while the reply was written.
         let reply_id = match question_id {
             Some(q) if msg.remember && resumed => {
-                self.store
-                    .append_only_reply(conv.id, q, &result.text, status)
-                    .await?
+                retry::storing("reply", || async {
+                    Ok(self
+                        .store
+                        .append_only_reply(conv.id, q, &result.text, status)
+                        .await?)
+                })
+                .await?
             }
             Some(q) if msg.remember => {
-                self.store
-                    .append_assistant(&conv, Some(q), &result.text, status, None)
-                    .await?
+                retry::storing("reply", || async {
+                    Ok(self
+                        .store
+                        .append_assistant(&conv, Some(q), &result.text, status, None)
+                        .await?)
+                })
+                .await?
             }
             _ => None,
         };

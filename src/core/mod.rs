@@ -13,6 +13,7 @@ mod live;
 mod observer;
 mod prompter;
 mod resume;
+mod retry;
 mod sink;
 pub mod text;
 

@@ -234,11 +234,15 @@ impl Assistant {
                 };
                 sink.typing().await;
                 let config = self.config();
+                // Latency counts from when the question is taken up: its arrival was in a past
+                // process.
+                let arrived = std::time::Instant::now();
                 match self
                     .generate(
                         &msg,
                         &q.question.content,
                         Some(q.question.id),
+                        arrived,
                         &config,
                         &*sink,
                         true,

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod proxy;
+pub mod sink;
 
 use std::path::{Path, PathBuf};
 
