@@ -534,11 +534,14 @@ async fn restarts_never_answer_the_backlog() {
 /// The replies of `bot` the human saw, keyed by the question they answer: each reply's event id
 /// and every version of its text (the first post, then each edit), with the server's timestamps
 /// in milliseconds.
+/// Each version of a reply's text with the server's timestamp (ms).
+type Versions = Vec<(u64, String)>;
+
 fn reply_versions(
     human: &Human,
     room: &RoomId,
     bot: &OwnedUserId,
-) -> std::collections::HashMap<OwnedEventId, Vec<(OwnedEventId, Vec<(u64, String)>)>> {
+) -> std::collections::HashMap<OwnedEventId, Vec<(OwnedEventId, Versions)>> {
     use matrix_sdk::ruma::events::room::message::{MessageType, Relation};
     let body = |m: &MessageType| match m {
         MessageType::Text(t) => t.body.clone(),
@@ -546,7 +549,7 @@ fn reply_versions(
         other => other.body().to_string(),
     };
     let seen = human.seen.lock().unwrap();
-    let mut by_event: Vec<(OwnedEventId, OwnedEventId, Vec<(u64, String)>)> = Vec::new();
+    let mut by_event: Vec<(OwnedEventId, OwnedEventId, Versions)> = Vec::new();
     for (r, ev) in &seen.messages {
         if r != room || &ev.sender != bot {
             continue;

@@ -11,6 +11,17 @@ use crate::inference::{
 use crate::memory::{Appended, Conversation, NewUserTurn, Status};
 use crate::prompt::Turn;
 
+/// The question a generation answers.
+pub(super) struct Asked<'a> {
+    pub(super) question: &'a str,
+    /// Its stored row; `None` when it is not remembered.
+    pub(super) question_id: Option<i64>,
+    /// When it reached the core, where latency metrics count from.
+    pub(super) arrived: std::time::Instant,
+    /// Taken up after a restart rather than just received.
+    pub(super) resumed: bool,
+}
+
 impl Assistant {
     /// The conversation, created on its first message. Looked up before anything is written, so
     /// a conversation that exists is served even while the database cannot be written.
@@ -87,7 +98,17 @@ impl Assistant {
         let lock = self.conversation_lock(&msg.key);
         let _turn = lock.lock().await;
         match self
-            .generate(&msg, &question, question_id, arrived, config, sink, false)
+            .generate(
+                &msg,
+                Asked {
+                    question: &question,
+                    question_id,
+                    arrived,
+                    resumed: false,
+                },
+                config,
+                sink,
+            )
             .await
         {
             Ok(outcome) => outcome,
@@ -105,19 +126,22 @@ impl Assistant {
         }
     }
 
-    /// Generates and stores the reply to `question` (stored as `question_id`, unless not
-    /// remembered). A `resumed` question, taken up after a restart, has its reply stored only if
-    /// it has none yet.
+    /// Generates and stores the reply to `asked.question` (stored as `asked.question_id`, unless
+    /// not remembered). A resumed question, taken up after a restart, has its reply stored only
+    /// if it has none yet.
     pub(super) async fn generate(
         &self,
         msg: &Incoming,
-        question: &str,
-        question_id: Option<i64>,
-        arrived: std::time::Instant,
+        asked: Asked<'_>,
         config: &CoreConfig,
         sink: &dyn ReplySink,
-        resumed: bool,
     ) -> Result<Outcome, CoreError> {
+        let Asked {
+            question,
+            question_id,
+            arrived,
+            resumed,
+        } = asked;
         if self.closing.load(std::sync::atomic::Ordering::Acquire) {
             return Err(WorkerError::Stopped.into());
         }

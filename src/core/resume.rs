@@ -240,12 +240,14 @@ impl Assistant {
                 match self
                     .generate(
                         &msg,
-                        &q.question.content,
-                        Some(q.question.id),
-                        arrived,
+                        super::answer::Asked {
+                            question: &q.question.content,
+                            question_id: Some(q.question.id),
+                            arrived,
+                            resumed: true,
+                        },
                         &config,
                         &*sink,
-                        true,
                     )
                     .await
                 {

@@ -282,7 +282,7 @@ impl EventHandler for Handler {
         }
         // Questions the last run accepted but never answered; the core takes them up once.
         let replies = Arc::new(ResumedReplies {
-            http: ctx.http.clone(),
+            replies: self.replies.clone(),
             interval: self.interval(),
         });
         tokio::spawn(self.assistant.clone().resume(Platform::Discord, replies));
@@ -350,7 +350,7 @@ impl EventHandler for Handler {
 /// to its message. A slash command's interaction has expired by then, so its answer is posted
 /// in the channel without a reference.
 struct ResumedReplies {
-    http: Arc<serenity::http::Http>,
+    replies: Replies,
     interval: Duration,
 }
 
@@ -376,8 +376,7 @@ impl ResumeSinks for ResumedReplies {
             .and_then(|id| id.parse::<u64>().ok())
             .filter(|&id| id != 0)
             .map(MessageId::new);
-        Some(Box::new(discord_reply(
-            self.http.clone(),
+        Some(Box::new(self.replies.reply(
             Target::Channel { channel, reply_to },
             self.interval,
             0,
