@@ -24,22 +24,13 @@ const DISCORD_TOKEN: &str = "discord-crash-token";
 
 /// `serve` with the tiny model and a database in `dir`, Discord on the fake.
 fn serve(dir: &Path, fake: &FakeDiscord) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"));
-    c.arg("serve")
-        .current_dir(dir)
-        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
-        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
-        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "24")
-        .env("SYNTHIA_BOT__MEMORY__DATABASE", dir.join("bot.sqlite"))
-        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "10")
-        .env("SYNTHIA_BOT__LIMITS__USER_PER_MINUTE", "0")
+    let mut c = common::daemon::serve_command(dir, "24", "10");
+    c.env("SYNTHIA_BOT__LIMITS__USER_PER_MINUTE", "0")
         .env("SYNTHIA_BOT__LIMITS__CONVERSATION_PER_MINUTE", "0")
         .env("SYNTHIA_BOT__DISCORD__ENABLED", "true")
         .env("SYNTHIA_BOT__DISCORD__TOKEN", DISCORD_TOKEN)
         .env("SYNTHIA_BOT__DISCORD__API_BASE", fake.api_base())
-        .env("SYNTHIA_BOT__DISCORD__EDIT_INTERVAL_MS", "100")
-        .env_remove("SYNTHIA_BOT_LOG")
-        .env_remove("NOTIFY_SOCKET");
+        .env("SYNTHIA_BOT__DISCORD__EDIT_INTERVAL_MS", "100");
     c
 }
 

@@ -20,17 +20,7 @@ const DISCORD_TOKEN: &str = "discord-secret-token-4f1c";
 
 /// `serve` with the tiny model and a database in `dir`; platforms are switched on by the caller.
 fn serve(dir: &Path, max_new: &str) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"));
-    c.arg("serve")
-        .current_dir(dir)
-        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
-        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
-        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", max_new)
-        .env("SYNTHIA_BOT__MEMORY__DATABASE", dir.join("bot.sqlite"))
-        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "1")
-        .env_remove("SYNTHIA_BOT_LOG")
-        .env_remove("NOTIFY_SOCKET");
-    c
+    common::daemon::serve_command(dir, max_new, "1")
 }
 
 fn with_discord(c: &mut tokio::process::Command, fake: &FakeDiscord, token: &str) {

@@ -5,6 +5,23 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncBufReadExt;
 
+/// `synthia-bot serve` in `dir` with the tiny model on one thread, its database `dir/bot.sqlite`,
+/// `max_new` tokens a reply and `grace` seconds to finish on SIGTERM; no platform yet, and
+/// neither the caller's log filter nor its systemd socket.
+pub fn serve_command(dir: &std::path::Path, max_new: &str, grace: &str) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"));
+    c.arg("serve")
+        .current_dir(dir)
+        .env("SYNTHIA_BOT__MODEL__PATH", super::tiny_hf())
+        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
+        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", max_new)
+        .env("SYNTHIA_BOT__MEMORY__DATABASE", dir.join("bot.sqlite"))
+        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", grace)
+        .env_remove("SYNTHIA_BOT_LOG")
+        .env_remove("NOTIFY_SOCKET");
+    c
+}
+
 pub struct Daemon {
     child: tokio::process::Child,
     log: Arc<Mutex<String>>,
