@@ -17,9 +17,9 @@ pub fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
 /// Logs to stderr, journald-friendly: no colours unless stderr is a terminal.
 pub fn init_logging(settings: &Settings) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNTHIA_BOT_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let level = std::env::var("SYNTHIA_BOT_LOG").unwrap_or_else(|_| settings.log.level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(&level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -28,6 +28,21 @@ pub fn init_logging(settings: &Settings) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Where matrix-sdk logs every failed request, at ERROR, the 404s of normal operation included
+/// (a room's missing encryption state before its first send, an account without key backup).
+/// Operators alert on ERROR, and the bot logs the failures that matter itself, with the
+/// conversation they belong to; so this target is heard only when asked for by name.
+const NOISY_AT_ERROR: &str = "matrix_sdk::http_client";
+
+/// `log.level` as written, with [`NOISY_AT_ERROR`] off unless the level names it.
+fn log_filter(level: &str) -> String {
+    if level.contains(NOISY_AT_ERROR) {
+        level.to_string()
+    } else {
+        format!("{level},{NOISY_AT_ERROR}=off")
+    }
 }
 
 /// Opens the memory `memory.database` names (SQLite or PostgreSQL) and applies its migrations.
@@ -40,6 +55,7 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     tracing::info!(
         backend = %store.backend(),
         database = %redact_password(&settings.memory.database),
+        run = store.run_id(),
         "memory opened"
     );
     Ok(store)
@@ -97,5 +113,22 @@ pub async fn reload_signal(hangup: &mut Option<tokio::signal::unix::Signal>) {
             h.recv().await;
         }
         None => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_noisy_target_is_off_unless_named() {
+        assert_eq!(log_filter("info"), "info,matrix_sdk::http_client=off");
+        assert_eq!(
+            log_filter("warn,matrix_sdk::http_client=debug"),
+            "warn,matrix_sdk::http_client=debug"
+        );
+        for level in ["info", "debug,synthia_bot=trace"] {
+            assert!(tracing_subscriber::EnvFilter::try_new(log_filter(level)).is_ok());
+        }
     }
 }

@@ -42,6 +42,17 @@ fn main() -> ExitCode {
             Command::Export(args) => cli::export(settings, args).await,
             Command::Generate(args) => cli::generate(settings, args).await,
             Command::MigrateMemory(args) => cli::migrate_memory(settings, args).await,
+            Command::BenchMemory(args) => {
+                let report = synthia_bot::bench::memory::run(&args).await?;
+                let mut out = std::io::stdout().lock();
+                if args.json {
+                    serde_json::to_writer_pretty(&mut out, &report)?;
+                    println!();
+                } else {
+                    synthia_bot::bench::memory::print_human(&report, &mut out)?;
+                }
+                Ok(())
+            }
             Command::Bench(args) => {
                 let json = args.json;
                 let report =

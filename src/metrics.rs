@@ -128,12 +128,12 @@ impl Metrics {
         for (name, help, family) in [
             (
                 "time_to_first_token_seconds",
-                "From submitting a prompt to its first token, queue included",
+                "From a message's arrival to its reply's first token: turn, queue and prefill included",
                 &m.time_to_first_token,
             ),
             (
                 "generation_seconds",
-                "From submitting a prompt to the reply's last token",
+                "The worker's time from taking a request to its last token; queue and platform edits excluded",
                 &m.generation_time,
             ),
         ] {

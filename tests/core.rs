@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::sink::{Call, Recorder};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,50 +14,6 @@ use synthia_bot::config::Settings;
 use synthia_bot::core::{Assistant, Outcome, ReplySink, text};
 use synthia_bot::inference::{FinishReason, Worker, WorkerOptions};
 use synthia_bot::memory::{Status, Store};
-
-#[derive(Debug, Clone, PartialEq)]
-enum Call {
-    Typing,
-    Queued(usize),
-    Update(String),
-    Finish(String),
-    Fail(String),
-    Notice(String),
-}
-
-#[derive(Default)]
-struct Recorder(Mutex<Vec<Call>>);
-
-impl Recorder {
-    fn calls(&self) -> Vec<Call> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-#[async_trait::async_trait]
-impl ReplySink for Recorder {
-    async fn typing(&self) {
-        self.0.lock().unwrap().push(Call::Typing);
-    }
-    async fn queued(&self, position: usize) {
-        self.0.lock().unwrap().push(Call::Queued(position));
-    }
-    async fn update(&self, text_so_far: &str) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(Call::Update(text_so_far.into()));
-    }
-    async fn finish(&self, text: &str) {
-        self.0.lock().unwrap().push(Call::Finish(text.into()));
-    }
-    async fn fail(&self, message: &str) {
-        self.0.lock().unwrap().push(Call::Fail(message.into()));
-    }
-    async fn notice(&self, text: &str) {
-        self.0.lock().unwrap().push(Call::Notice(text.into()));
-    }
-}
 
 struct Fixture {
     assistant: Arc<Assistant>,
@@ -520,15 +478,11 @@ async fn two_daemons_on_one_postgres_answer_once_and_in_turn() {
             .count();
         assert_eq!((answered, dropped), (1, 1), "round {round}: {x:?} {y:?}");
     }
-    let conv = store.find_conversation(&key()).await.unwrap().unwrap();
-    let replies = store
-        .all_messages(conv.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|m| m.role == Role::Assistant)
-        .count();
-    assert_eq!(replies, 3, "one reply per message");
+    assert_eq!(
+        common::stored_replies(&store, &key()).await,
+        3,
+        "one reply per message"
+    );
 
     // Two questions of one conversation, one on each daemon, at the same moment: the second to
     // get its turn streams its first words only after the first has finished.
@@ -591,4 +545,104 @@ impl ReplySink for Timed {
         panic!("failed: {message}");
     }
     async fn notice(&self, _text: &str) {}
+}
+
+/// A platform whose every edit takes `delay`, as a slow or rate-limited one does.
+struct SlowSink {
+    inner: Recorder,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl ReplySink for SlowSink {
+    async fn typing(&self) {}
+    async fn queued(&self, position: usize) {
+        self.inner.queued(position).await
+    }
+    async fn update(&self, text_so_far: &str) {
+        tokio::time::sleep(self.delay).await;
+        self.inner.update(text_so_far).await
+    }
+    async fn finish(&self, text: &str) {
+        self.inner.finish(text).await
+    }
+    async fn fail(&self, message: &str) {
+        self.inner.fail(message).await
+    }
+    async fn notice(&self, text: &str) {
+        self.inner.notice(text).await
+    }
+}
+
+#[derive(Default)]
+struct Reports(Mutex<Vec<synthia_bot::core::ReplyReport>>);
+
+impl synthia_bot::core::Observer for Reports {
+    fn answered(&self, _platform: Platform, report: &synthia_bot::core::ReplyReport) {
+        self.0.lock().unwrap().push(report.clone());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_counts_from_arrival_and_generation_time_is_the_workers_own() {
+    let f = fixture(|s| s.model.max_new_tokens = 4).await;
+    let reports = Arc::new(Reports::default());
+    f.assistant.set_observer(reports.clone());
+
+    // The first reply's platform takes 700 ms per edit, so its whole reply takes seconds while
+    // the worker needs a fraction of that; the second question waits for the first's turn.
+    let first = {
+        let assistant = f.assistant.clone();
+        tokio::spawn(async move {
+            let sink = SlowSink {
+                inner: Recorder::default(),
+                delay: Duration::from_millis(700),
+            };
+            assistant
+                .handle(message("u1", "first question", "t1"), &sink)
+                .await;
+            (std::time::Instant::now(), sink.inner.calls())
+        })
+    };
+    common::daemon::eventually(
+        "the first reply started",
+        Duration::from_secs(30),
+        || async {
+            f.store
+                .is_known(Platform::Discord, "t1")
+                .await
+                .unwrap()
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second_arrived = std::time::Instant::now();
+    let sink = Recorder::default();
+    f.assistant
+        .handle(message("u2", "second question", "t2"), &sink)
+        .await;
+    let (first_done, first_calls) = first.await.unwrap();
+    let updates = first_calls
+        .iter()
+        .filter(|c| matches!(c, Call::Update(_)))
+        .count();
+    assert!(updates >= 2, "{first_calls:?}");
+
+    let reports = reports.0.lock().unwrap().clone();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    // The first: the worker's own time, without the 700 ms edits.
+    let platform_time = Duration::from_millis(700) * updates as u32;
+    assert!(
+        reports[0].generation_time < platform_time / 2,
+        "generation {:?} includes the platform's {platform_time:?}",
+        reports[0].generation_time
+    );
+    // The second: its first token counts from its arrival, the wait for the first included.
+    let waited = first_done.saturating_duration_since(second_arrived);
+    let ttft = reports[1].time_to_first_token.expect("a first token");
+    assert!(
+        ttft >= waited.mul_f32(0.9),
+        "time to first token {ttft:?} leaves out the {waited:?} waited for the turn"
+    );
 }

@@ -7,7 +7,7 @@ mod fake_discord;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_discord::{BOT_ID, CHANNEL, Call, DM_CHANNEL, FakeDiscord, GUILD};
+use fake_discord::{BOT_ID, CHANNEL, Call, DM_CHANNEL, EditFailure, FakeDiscord, GUILD};
 use serde_json::{Value, json};
 use synthia_bot::adapters::discord::DiscordClient;
 use synthia_bot::chat::{ConversationKey, Platform, Role};
@@ -38,6 +38,15 @@ async fn start(edit: impl FnOnce(&mut Settings)) -> Bot {
 
 /// `start`, with the fake prepared before the bot connects.
 async fn start_with(edit: impl FnOnce(&mut Settings), prepare: impl FnOnce(&FakeDiscord)) -> Bot {
+    start_bot(edit, prepare, WorkerOptions::default()).await
+}
+
+/// `start_with`, the worker set up with `opts`.
+async fn start_bot(
+    edit: impl FnOnce(&mut Settings),
+    prepare: impl FnOnce(&FakeDiscord),
+    opts: WorkerOptions,
+) -> Bot {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("warn,synthia_bot=info")
@@ -57,7 +66,7 @@ async fn start_with(edit: impl FnOnce(&mut Settings), prepare: impl FnOnce(&Fake
     let store = Store::open(&settings.memory.database, Duration::from_secs(5))
         .await
         .unwrap();
-    let worker = common::tiny_worker(WorkerOptions::default());
+    let worker = common::tiny_worker(opts);
     let assistant = Arc::new(Assistant::new(store.clone(), worker, &settings));
     let client = DiscordClient::connect(&settings.discord, assistant)
         .await
@@ -119,28 +128,29 @@ fn mention(id: u64, text: &str) -> Value {
     )
 }
 
-/// The text Discord shows for a reply: the last content of each of its messages, in order.
+/// The text Discord shows in `channel`: the last content of each message posted there, in order.
 fn shown_text(calls: &[Call], channel: u64) -> Vec<String> {
-    let posts: Vec<&Call> = calls
-        .iter()
-        .filter(|c| c.method == "POST" && c.path == format!("/api/v10/channels/{channel}/messages"))
-        .collect();
-    posts
-        .iter()
-        .enumerate()
-        .map(|(i, _)| {
-            // Fake ids are handed out in order from 900000.
-            let id = 900_000 + i as u64;
+    let posts_path = format!("/api/v10/channels/{channel}/messages");
+    let mut ids: Vec<(&str, &Call)> = Vec::new();
+    for c in calls {
+        if c.method == "POST"
+            && c.path == posts_path
+            && let Some(id) = c.message_id.as_deref()
+            && !ids.iter().any(|(i, _)| *i == id)
+        {
+            ids.push((id, c));
+        }
+    }
+    ids.iter()
+        .map(|(id, post)| {
             calls
                 .iter()
                 .rev()
                 .find(|c| {
-                    c.status == 200
-                        && c.method == "PATCH"
-                        && c.path.ends_with(&format!("/messages/{id}"))
+                    c.status == 200 && c.method == "PATCH" && c.message_id.as_deref() == Some(*id)
                 })
                 .map(content)
-                .unwrap_or_else(|| content(posts[i]))
+                .unwrap_or_else(|| content(post))
         })
         .collect()
 }
@@ -498,6 +508,58 @@ async fn a_replayed_message_after_resume_is_answered_once() {
     assert_eq!(replies_to_first, 1);
 }
 
+/// The gateway goes away while a reply streams (its edit held back by a 2 s rate limit), and
+/// Discord replays the question on RESUME: the reply goes on over REST, ends showing the stored
+/// text, in one message, stored once; the replayed question is not answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restart_mid_reply_completes_the_reply_once() {
+    let bot = start(|_| {}).await;
+    bot.fake
+        .fail_edits_with(vec![EditFailure::RateLimited { retry_after: 2.0 }]);
+    let msg = mention(7351, "answer me through a gateway restart");
+    bot.fake.dispatch("MESSAGE_CREATE", msg.clone());
+    bot.fake
+        .wait_for("the reply's first post", |calls| {
+            replies_by_question(calls).contains_key("7351")
+        })
+        .await;
+    bot.fake
+        .close_for_resume(vec![("MESSAGE_CREATE".into(), msg)])
+        .await;
+    let stored = wait_reply(&bot.store, &channel_key(), "7351").await;
+    let want = if stored.trim().is_empty() {
+        "…".to_string()
+    } else {
+        stored.clone()
+    };
+    let calls = bot
+        .fake
+        .wait_for("the final text shown", |calls| {
+            replies_by_question(calls)
+                .get("7351")
+                .and_then(|s| s.now())
+                .is_some_and(|now| now == want)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let shown = replies_by_question(&calls);
+    assert_eq!(shown["7351"].ids.len(), 1, "one message for the reply");
+    let later = bot.fake.calls();
+    let posts = later
+        .iter()
+        .filter(|c| {
+            c.method == "POST" && c.body["message_reference"]["message_id"] == json!("7351")
+        })
+        .count();
+    assert_eq!(posts, 1, "the replayed question was answered again");
+    assert_eq!(
+        common::stored_replies(&bot.store, &channel_key()).await,
+        1,
+        "stored once"
+    );
+    assert_eq!(bot.fake.identifies(), 1, "resumed, not re-identified");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_and_deletes_follow_the_question() {
     let bot = start(|_| {}).await;
@@ -570,6 +632,124 @@ async fn a_rate_limited_edit_is_retried_and_the_final_text_arrives() {
         retry.at - calls[limited].at >= Duration::from_millis(900),
         "waited before retrying"
     );
+}
+
+/// Discord's edge answers 502 with an HTML page, and a 429 says how long to wait in its body and
+/// headers: the final edit is retried until it lands, waiting as long as the 429 asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_gateway_or_rate_limited_final_edit_is_retried_as_discord_asks() {
+    // A long interval: the answer is posted once and then shown whole by one final edit.
+    let bot = start(|s| s.discord.edit_interval_ms = 2000).await;
+    bot.fake.fail_edits_with(vec![
+        EditFailure::RateLimited { retry_after: 2.5 },
+        EditFailure::BadGateway,
+        EditFailure::BadGateway,
+        EditFailure::BadGateway,
+    ]);
+    bot.fake
+        .dispatch("MESSAGE_CREATE", mention(7511, "through the storm"));
+    let stored = wait_reply(&bot.store, &channel_key(), "7511").await;
+    let calls = bot
+        .fake
+        .wait_for("the final text after 429 and 502s", |c| {
+            shown_text(c, CHANNEL).concat() == stored
+        })
+        .await;
+    let edits: Vec<&Call> = calls.iter().filter(|c| c.method == "PATCH").collect();
+    let limited = edits
+        .iter()
+        .position(|c| c.status == 429)
+        .expect("a 429 was served");
+    assert!(
+        edits[limited + 1].at - edits[limited].at >= Duration::from_millis(2500),
+        "retried {:?} after a 429 asking for 2.5 s",
+        edits[limited + 1].at - edits[limited].at
+    );
+    assert_eq!(edits.iter().filter(|c| c.status == 502).count(), 3);
+    let last_failure = edits.iter().rposition(|c| c.status != 200).unwrap();
+    assert!(
+        edits[last_failure + 1..].iter().any(|c| c.status == 200),
+        "an edit after the 502s succeeded"
+    );
+    assert_eq!(
+        shown_text(&calls, CHANNEL).len(),
+        1,
+        "one message: {calls:?}"
+    );
+}
+
+/// When edits keep failing, the rest of the answer is posted as a new message: what the channel
+/// shows still adds up to the stored answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_that_keeps_failing_continues_in_a_new_message() {
+    let bot = start(|s| s.discord.edit_interval_ms = 2000).await;
+    bot.fake.fail_edits_with(vec![EditFailure::BadGateway; 40]);
+    bot.fake
+        .dispatch("MESSAGE_CREATE", mention(7521, "say a lot"));
+    let stored = wait_reply(&bot.store, &channel_key(), "7521").await;
+    let calls = bot
+        .fake
+        .wait_for("the answer continued in a new message", |c| {
+            shown_text(c, CHANNEL).concat() == stored
+        })
+        .await;
+    let shown = shown_text(&calls, CHANNEL);
+    assert!(shown.len() >= 2, "continued in a new message: {shown:?}");
+    assert!(
+        calls.iter().all(|c| c.status != 200 || c.method != "PATCH"),
+        "every edit failed"
+    );
+}
+
+/// Questions waiting in one channel share one typing indicator, renewed at one loop's pace,
+/// not one loop per question; it stops when the last answer is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_waiting_in_one_channel_share_one_typing_loop() {
+    let bot = start(|s| s.model.max_new_tokens = 150).await;
+    let ids: Vec<u64> = (7801..7806).collect();
+    for id in &ids {
+        bot.fake
+            .dispatch("MESSAGE_CREATE", mention(*id, "take your time"));
+    }
+    for id in &ids {
+        wait_reply(&bot.store, &channel_key(), &id.to_string()).await;
+    }
+    let typing_path = format!("/api/v10/channels/{CHANNEL}/typing");
+    let typing = |calls: &[Call]| -> Vec<Instant> {
+        calls
+            .iter()
+            .filter(|c| c.path == typing_path)
+            .map(|c| c.at)
+            .collect()
+    };
+    let calls = bot.fake.calls();
+    let times = typing(&calls);
+    assert!(!times.is_empty(), "typing was shown");
+    for w in times.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(7500),
+            "typing calls {:?} apart: {} calls for {} questions",
+            w[1] - w[0],
+            times.len(),
+            ids.len()
+        );
+    }
+    let last_post = calls
+        .iter()
+        .filter(|c| c.method == "POST" && c.path.ends_with("/messages"))
+        .map(|c| c.at)
+        .max()
+        .unwrap();
+    let span = last_post - times[0];
+    assert!(
+        times.len() as f64 <= 1.0 + span.as_secs_f64() / 8.0,
+        "{} typing calls over {span:?}",
+        times.len()
+    );
+    // Once every answer is done the loop stops.
+    let before = times.len();
+    tokio::time::sleep(Duration::from_millis(8500)).await;
+    assert_eq!(typing(&bot.fake.calls()).len(), before, "typing went on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,4 +980,289 @@ async fn sighup_reloads_the_access_rules() {
         stderr.contains("configuration reloaded") && stderr.contains("discord.access"),
         "{stderr}"
     );
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The value at fraction `q` of sorted durations.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// What the fake shows for one question: the reply's first message, what it shows now, and
+/// when each text reached it.
+struct Shown<'a> {
+    ids: Vec<&'a str>,
+    /// Posts and successful edits of the reply's first message, in order.
+    texts: Vec<&'a Call>,
+}
+
+impl Shown<'_> {
+    fn now(&self) -> Option<String> {
+        self.texts.last().map(|c| content(c))
+    }
+}
+
+/// Every question's reply in `calls`, by question id.
+fn replies_by_question(calls: &[Call]) -> std::collections::HashMap<String, Shown<'_>> {
+    let mut by_q: std::collections::HashMap<String, Shown<'_>> = Default::default();
+    let mut owner: std::collections::HashMap<&str, String> = Default::default();
+    for c in calls {
+        if c.status != 200 {
+            continue;
+        }
+        if c.method == "POST"
+            && let Some(q) = c.body["message_reference"]["message_id"].as_str()
+            && let Some(id) = c.message_id.as_deref()
+        {
+            let shown = by_q.entry(q.to_string()).or_insert(Shown {
+                ids: vec![],
+                texts: vec![],
+            });
+            if !shown.ids.contains(&id) {
+                shown.ids.push(id);
+                owner.insert(id, q.to_string());
+            }
+            shown.texts.push(c);
+        } else if c.method == "PATCH"
+            && let Some(id) = c.message_id.as_deref()
+            && let Some(q) = owner.get(id)
+            && let Some(shown) = by_q.get_mut(q)
+        {
+            shown.texts.push(c);
+        }
+    }
+    by_q
+}
+
+/// Many conversations at once through the fake Discord: every question is answered once (or
+/// told the bot is busy, its question kept), every answer shows exactly what is stored, and
+/// the bot never sends Discord more than 50 requests in any second. Prints the figures (about a
+/// minute on two cores; `scripts/stress` runs it alone, with its output, at any size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_many_conversations_answered_once_within_the_request_limit() {
+    let conversations = env_or("SYNTHIA_STRESS_CONVERSATIONS", 200) as u64;
+    let per = env_or("SYNTHIA_STRESS_MESSAGES", 5) as u64;
+    let max_new = env_or("SYNTHIA_STRESS_MAX_NEW_TOKENS", 8) as u32;
+    let bot = start_bot(
+        |s| {
+            s.model.max_new_tokens = max_new;
+            s.limits.user_per_minute = 0;
+            s.limits.conversation_per_minute = 0;
+        },
+        |_| {},
+        WorkerOptions {
+            queue_capacity: 256,
+            ..WorkerOptions::default()
+        },
+    )
+    .await;
+    let channel_of = |c: u64| 10_000 + c;
+    let question = |c: u64, m: u64| 1_000_000 + c * 100 + m;
+    let (epoch_ms, epoch) = (synthia_bot::memory::now_ms(), Instant::now());
+    let at = |ms: i64| epoch + Duration::from_millis((ms - epoch_ms).max(0) as u64);
+    let mut arrived: std::collections::HashMap<String, Instant> = Default::default();
+    let before = bot.fake.calls().len();
+    let t0 = Instant::now();
+    // Spread over about two seconds, each conversation's questions in order.
+    for m in 0..per {
+        for c in 0..conversations {
+            let id = question(c, m);
+            bot.fake.dispatch(
+                "MESSAGE_CREATE",
+                fake_discord::message(
+                    id,
+                    channel_of(c),
+                    Some(GUILD),
+                    (20_000 + c, "user"),
+                    &format!("<@{BOT_ID}> question {m} of conversation {c}"),
+                    &[BOT_ID],
+                    None,
+                ),
+            );
+            arrived.insert(id.to_string(), Instant::now());
+            if id % 4 == 0 {
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+        }
+    }
+    let sent_in = t0.elapsed();
+    let total = arrived.len();
+    // Stored questions and replies, by question id: (reply text, reply stored at).
+    let stored = async || {
+        let mut out: std::collections::HashMap<String, Option<(String, i64)>> = Default::default();
+        for c in 0..conversations {
+            let key = ConversationKey::new(
+                Platform::Discord,
+                &GUILD.to_string(),
+                &channel_of(c).to_string(),
+                "",
+            );
+            let Some(conv) = bot.store.find_conversation(&key).await.unwrap() else {
+                continue;
+            };
+            let msgs = bot.store.since_reset(&conv).await.unwrap();
+            for q in msgs.iter().filter(|m| m.role == Role::User) {
+                let reply = msgs
+                    .iter()
+                    .find(|r| r.role == Role::Assistant && r.reply_to == Some(q.id))
+                    .map(|r| (r.content.clone(), r.created_at));
+                out.insert(q.platform_message_id.clone().unwrap_or_default(), reply);
+            }
+        }
+        out
+    };
+    let expected = |text: &str| {
+        if text.trim().is_empty() {
+            "…".to_string()
+        } else {
+            text.to_string()
+        }
+    };
+    // Until every question has its final text, or nothing moved for a minute.
+    let (mut last_done, mut last_change) = (0, Instant::now());
+    loop {
+        let calls = bot.fake.calls();
+        let shown = replies_by_question(&calls[before..]);
+        let kept = stored().await;
+        let done = arrived
+            .keys()
+            .filter(|q| {
+                let now = shown.get(*q).and_then(|s| s.now());
+                match kept.get(*q) {
+                    Some(Some((text, _))) => now == Some(expected(text)),
+                    Some(None) => now.as_deref() == Some(text::BUSY),
+                    None => false,
+                }
+            })
+            .count();
+        if done == total {
+            break;
+        }
+        if done != last_done {
+            (last_done, last_change) = (done, Instant::now());
+        }
+        if last_change.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let wall = t0.elapsed();
+    let calls = bot.fake.calls();
+    let calls = &calls[before..];
+    let shown = replies_by_question(calls);
+    let kept = stored().await;
+    let (mut answered, mut busy, mut lost, mut duplicated) = (0, 0, Vec::new(), Vec::new());
+    let (mut to_first_post, mut to_first_text, mut to_finish, mut shown_after_finish) =
+        (vec![], vec![], vec![], vec![]);
+    let mut last_finish = t0;
+    for (q, arrival) in &arrived {
+        let reply = shown.get(q);
+        if reply.is_some_and(|r| r.ids.len() > 1) {
+            duplicated.push(q.clone());
+        }
+        let now = reply.and_then(|r| r.now());
+        match kept.get(q) {
+            Some(Some((text, stored_ms))) if now == Some(expected(text)) => {
+                answered += 1;
+                let r = reply.unwrap();
+                let want = expected(text);
+                let finish = at(*stored_ms);
+                last_finish = last_finish.max(finish);
+                to_first_post.push((r.texts[0].at - *arrival).as_secs_f64());
+                let first_text = r
+                    .texts
+                    .iter()
+                    .find(|c| {
+                        let t = content(c);
+                        !t.is_empty() && want.starts_with(&t)
+                    })
+                    .unwrap();
+                to_first_text.push((first_text.at - *arrival).as_secs_f64());
+                to_finish.push((finish - *arrival).as_secs_f64());
+                let final_at = r.texts.iter().find(|c| content(c) == want).unwrap().at;
+                shown_after_finish.push(
+                    final_at.duration_since(finish).as_secs_f64()
+                        - finish.duration_since(final_at).as_secs_f64(),
+                );
+            }
+            Some(None) if now.as_deref() == Some(text::BUSY) => busy += 1,
+            _ => lost.push(format!("{q}: stored {:?}, shown {now:?}", kept.get(q))),
+        }
+    }
+    // Every request the fake saw from the bot, in any one second.
+    let mut times: Vec<Instant> = calls.iter().map(|c| c.at).collect();
+    times.sort();
+    let (mut peak, mut j) = (0, 0);
+    for i in 0..times.len() {
+        while j < times.len() && times[j] - times[i] < Duration::from_secs(1) {
+            j += 1;
+        }
+        peak = peak.max(j - i);
+    }
+    for v in [
+        &mut to_first_post,
+        &mut to_first_text,
+        &mut to_finish,
+        &mut shown_after_finish,
+    ] {
+        v.sort_by(f64::total_cmp);
+    }
+    let typing = calls.iter().filter(|c| c.path.ends_with("/typing")).count();
+    println!(
+        "load: {conversations} conversations x {per} questions = {total}, sent in {:.2} s, max_new_tokens {max_new}",
+        sent_in.as_secs_f64()
+    );
+    println!(
+        "answered {answered}, busy {busy}, lost {}, duplicated {}",
+        lost.len(),
+        duplicated.len()
+    );
+    println!(
+        "arrival -> first post: p50 {:.2} s, p99 {:.2} s; -> first answer text: p50 {:.2} s, p99 {:.2} s",
+        quantile(&to_first_post, 0.5),
+        quantile(&to_first_post, 0.99),
+        quantile(&to_first_text, 0.5),
+        quantile(&to_first_text, 0.99)
+    );
+    println!(
+        "arrival -> worker finish (reply stored): p50 {:.2} s, p99 {:.2} s; worker drained {:.2} s after the first question",
+        quantile(&to_finish, 0.5),
+        quantile(&to_finish, 0.99),
+        (last_finish - t0).as_secs_f64()
+    );
+    println!(
+        "final text shown after the worker's finish: p50 {:.2} s, p99 {:.2} s, max {:.2} s",
+        quantile(&shown_after_finish, 0.5),
+        quantile(&shown_after_finish, 0.99),
+        shown_after_finish.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "requests {} ({typing} typing), peak {peak} in any 1 s; total wall time {:.2} s",
+        calls.len(),
+        wall.as_secs_f64()
+    );
+    assert!(
+        lost.is_empty(),
+        "lost {}: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+    assert_eq!(answered + busy, total);
+    for q in arrived.keys() {
+        assert!(
+            bot.store.is_known(Platform::Discord, q).await.unwrap(),
+            "question {q} kept"
+        );
+    }
+    assert!(peak <= 50, "{peak} requests within one second");
 }

@@ -20,7 +20,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("adapters", &["chat", "config", "core"]),
     // Wiring, tools and the commands on top.
     ("app", &["config", "inference", "memory"]),
-    ("bench", &["config", "inference"]),
+    ("bench", &["chat", "config", "inference", "memory"]),
     (
         "serve",
         &[

@@ -27,6 +27,11 @@ struct BotSetup {
     dir: PathBuf,
     allowed: Vec<String>,
     admins: Vec<String>,
+    /// Where the bot finds the homeserver when not Synapse's own address (a proxy).
+    homeserver: Option<String>,
+    max_new_tokens: &'static str,
+    /// `limits.user_per_minute` (the bot's default is 10).
+    user_per_minute: &'static str,
 }
 
 impl BotSetup {
@@ -38,6 +43,9 @@ impl BotSetup {
             dir: dir.to_path_buf(),
             allowed: allowed.iter().map(|u| u.to_string()).collect(),
             admins: Vec::new(),
+            homeserver: None,
+            max_new_tokens: "40",
+            user_per_minute: "10",
         }
     }
 
@@ -55,10 +63,13 @@ impl BotSetup {
             .current_dir(&self.dir)
             .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
             .env("SYNTHIA_BOT__MODEL__THREADS", "1")
-            .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "40")
+            .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", self.max_new_tokens)
             .env("SYNTHIA_BOT__MEMORY__DATABASE", self.db())
             .env("SYNTHIA_BOT__MATRIX__ENABLED", "true")
-            .env("SYNTHIA_BOT__MATRIX__HOMESERVER", &synapse.url)
+            .env(
+                "SYNTHIA_BOT__MATRIX__HOMESERVER",
+                self.homeserver.as_deref().unwrap_or(&synapse.url),
+            )
             .env("SYNTHIA_BOT__MATRIX__USER_ID", self.user.as_str())
             .env("SYNTHIA_BOT__MATRIX__PASSWORD", &self.password)
             .env("SYNTHIA_BOT__MATRIX__STORE_PATH", self.store_path())
@@ -69,9 +80,12 @@ impl BotSetup {
             )
             .env("SYNTHIA_BOT__MATRIX__ACCESS__ADMINS", self.admins.join(","))
             .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "2")
+            .env("SYNTHIA_BOT__LIMITS__USER_PER_MINUTE", self.user_per_minute)
+            .env("SYNTHIA_BOT__LIMITS__CONVERSATION_PER_MINUTE", "0")
             .env(
                 "SYNTHIA_BOT_LOG",
-                "info,matrix_sdk=warn,matrix_sdk_crypto=warn",
+                std::env::var("SYNTHIA_TEST_BOT_LOG")
+                    .unwrap_or_else(|_| "info,matrix_sdk=warn,matrix_sdk_crypto=warn".into()),
             );
         let bot = Daemon::spawn(cmd);
         bot.wait_log("serving", WAIT).await;
@@ -520,5 +534,253 @@ async fn restarts_never_answer_the_backlog() {
             "after losing the store"
         ]
     );
+    bot.stop().await;
+}
+
+/// Each version of a reply's text with the server's timestamp (ms).
+type Versions = Vec<(u64, String)>;
+
+/// The replies of `bot` the human saw, keyed by the question they answer: each reply's event id
+/// and every version of its text (the first post, then each edit), with the server's timestamps
+/// in milliseconds.
+fn reply_versions(
+    human: &Human,
+    room: &RoomId,
+    bot: &OwnedUserId,
+) -> std::collections::HashMap<OwnedEventId, Vec<(OwnedEventId, Versions)>> {
+    use matrix_sdk::ruma::events::room::message::{MessageType, Relation};
+    let body = |m: &MessageType| match m {
+        MessageType::Text(t) => t.body.clone(),
+        MessageType::Notice(n) => n.body.clone(),
+        other => other.body().to_string(),
+    };
+    let seen = human.seen.lock().unwrap();
+    let mut by_event: Vec<(OwnedEventId, OwnedEventId, Versions)> = Vec::new();
+    for (r, ev) in &seen.messages {
+        if r != room || &ev.sender != bot {
+            continue;
+        }
+        let ts = u64::from(ev.origin_server_ts.get());
+        match &ev.content.relates_to {
+            Some(Relation::Replacement(rep)) => {
+                if let Some(e) = by_event.iter_mut().find(|e| e.1 == rep.event_id) {
+                    e.2.push((ts, body(&rep.new_content.msgtype)));
+                }
+            }
+            Some(Relation::Reply(reply)) => by_event.push((
+                reply.in_reply_to.event_id.clone(),
+                ev.event_id.clone(),
+                vec![(ts, body(&ev.content.msgtype))],
+            )),
+            _ => {}
+        }
+    }
+    let mut out: std::collections::HashMap<_, Vec<_>> = Default::default();
+    for (question, event, versions) in by_event {
+        out.entry(question).or_default().push((event, versions));
+    }
+    out
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// 20 rooms x 5 questions sent within a few seconds: every question answered exactly once (or
+/// told the bot is busy, its question kept), the text shown equal to the text stored; the time
+/// from each question to the first post of its answer is printed beside the worker's own finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_rooms_of_five_questions_are_each_answered_once() {
+    const ROOMS: usize = 20;
+    const PER_ROOM: usize = 5;
+    let synapse = Synapse::from_env();
+    let alice = synapse.human("alice").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = BotSetup::new(&synapse, dir.path(), &[&alice.user_id]).await;
+    setup.max_new_tokens = "8";
+    // One person asks all 100 questions: the bot's per-user limit (10 a minute) would refuse
+    // most of them, as it should.
+    setup.user_per_minute = "0";
+    let bot = setup.start(&synapse).await;
+    let me = setup.user.clone();
+    let mut rooms = Vec::new();
+    for _ in 0..ROOMS {
+        let room = alice.create_room(&[&me], false, false).await;
+        rooms.push(room);
+    }
+    for room in &rooms {
+        alice.wait_joined(room.room_id(), &me, WAIT).await;
+    }
+
+    let started = std::time::Instant::now();
+    // Round by round, so every room has questions waiting at once.
+    let mut asked: Vec<(matrix_sdk::ruma::OwnedRoomId, Vec<OwnedEventId>)> = rooms
+        .iter()
+        .map(|r| (r.room_id().to_owned(), Vec::new()))
+        .collect();
+    for i in 0..PER_ROOM {
+        for (r, room) in rooms.iter().enumerate() {
+            let id = alice
+                .send(room, &format!("room {r} question {i}"), Some(&me))
+                .await;
+            asked[r].1.push(id);
+        }
+    }
+    let sent_in = started.elapsed();
+    let store = open_store(&setup.db()).await;
+
+    let mut lost = 0;
+    let mut duplicated = 0;
+    let mut busy = 0;
+    let mut first_post_ms = Vec::new();
+    let mut after_finish_ms: Vec<i64> = Vec::new();
+    for (room_id, questions) in &asked {
+        let key = room_key(room_id, "");
+        for q in questions {
+            let stored = eventually(
+                &format!("{q} answered or refused in {room_id}"),
+                Duration::from_secs(240),
+                || async {
+                    let conv = store.find_conversation(&key).await.ok()??;
+                    let messages = store.all_messages(conv.id).await.ok()?;
+                    let question = messages
+                        .iter()
+                        .find(|m| m.platform_message_id.as_deref() == Some(q.as_str()))?
+                        .clone();
+                    let reply = messages
+                        .iter()
+                        .find(|m| m.role == Role::Assistant && m.reply_to == Some(question.id))
+                        .cloned();
+                    let versions = reply_versions(&alice, room_id, &me);
+                    let shown = versions.get(q)?;
+                    match &reply {
+                        Some(r)
+                            if shown
+                                .iter()
+                                .any(|(_, v)| v.last().map(|x| &x.1) == Some(&r.content)) =>
+                        {
+                            Some((question, reply, shown.clone()))
+                        }
+                        None if shown
+                            .iter()
+                            .any(|(_, v)| v.last().map(|x| x.1.as_str()) == Some(text::BUSY)) =>
+                        {
+                            Some((question, reply, shown.clone()))
+                        }
+                        _ => None,
+                    }
+                },
+            )
+            .await;
+            let (question, reply, shown) = stored;
+            match shown.len() {
+                0 => lost += 1,
+                1 => {}
+                _ => duplicated += 1,
+            }
+            let Some(reply) = reply else {
+                busy += 1;
+                continue;
+            };
+            assert_eq!(reply.status, Status::Complete, "{reply:?}");
+            let versions = &shown[0].1;
+            let first_answer = versions
+                .iter()
+                .find(|(_, body)| !body.starts_with("You're number "))
+                .expect("the answer replaced the queue notice");
+            first_post_ms.push(first_answer.0 - question.created_at as u64);
+            after_finish_ms.push(first_answer.0 as i64 - reply.created_at);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing arrived late as a second answer.
+    for (room_id, questions) in &asked {
+        let versions = reply_versions(&alice, room_id, &me);
+        for q in questions {
+            let n = versions.get(q).map_or(0, |v| v.len());
+            if n > 1 {
+                duplicated += 1;
+            }
+        }
+    }
+    first_post_ms.sort_unstable();
+    after_finish_ms.sort_unstable();
+    println!(
+        "matrix load: {} questions sent in {:.1} s; answered {}, busy {busy}, lost {lost}, duplicated {duplicated}; \
+         first post of an answer after its question p50 {} ms, p99 {} ms; first post after the stored reply p50 {} ms, p99 {} ms; \
+         all done {:.1} s after the first question",
+        ROOMS * PER_ROOM,
+        sent_in.as_secs_f32(),
+        first_post_ms.len(),
+        percentile(&first_post_ms, 0.5),
+        percentile(&first_post_ms, 0.99),
+        percentile_i(&after_finish_ms, 0.5),
+        percentile_i(&after_finish_ms, 0.99),
+        started.elapsed().as_secs_f32(),
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+    assert_eq!(first_post_ms.len() + busy, ROOMS * PER_ROOM);
+    // An answer is shown no later than 2 s after the worker finished it.
+    assert!(
+        percentile_i(&after_finish_ms, 0.99) <= 2000,
+        "p99 of the first post after the worker's finish: {} ms",
+        percentile_i(&after_finish_ms, 0.99)
+    );
+    bot.stop().await;
+}
+
+fn percentile_i(sorted: &[i64], p: f64) -> i64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The homeserver goes away for a few seconds while a reply streams (every connection dropped,
+/// new ones refused, as a restart looks to the bot): the reply completes once it is back, shown
+/// whole and once, stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_homeserver_restart_mid_reply_completes_the_reply_once() {
+    let synapse = Synapse::from_env();
+    let alice = synapse.human("alice").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = BotSetup::new(&synapse, dir.path(), &[&alice.user_id]).await;
+    let target = synapse
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = common::proxy::Proxy::start(target).await;
+    setup.homeserver = Some(proxy.url());
+    setup.max_new_tokens = "400";
+    let bot = setup.start(&synapse).await;
+    let me = setup.user.clone();
+    let room = alice.create_room(&[&me], false, false).await;
+    let room_id = room.room_id().to_owned();
+    alice.wait_joined(&room_id, &me, WAIT).await;
+    let key = room_key(&room_id, "");
+
+    let q = alice
+        .send(&room, "tell me a very long story", Some(&me))
+        .await;
+    eventually("the reply streaming", WAIT, || async {
+        alice
+            .replies_from(&room_id, &me)
+            .iter()
+            .any(|r| r.replies_to().as_ref() == Some(&q) && !r.edits.is_empty())
+            .then_some(())
+    })
+    .await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore().await;
+
+    let store = open_store(&setup.db()).await;
+    let stored = stored_reply(&store, &key, &q).await;
+    shown_reply(&alice, &room_id, &me, &q, &stored).await;
+    // Still answering afterwards, and nothing answered twice.
+    let q2 = alice.send(&room, "and after that?", Some(&me)).await;
+    let s2 = stored_reply(&store, &key, &q2).await;
+    shown_reply(&alice, &room_id, &me, &q2, &s2).await;
+    assert_eq!(replies_to(&alice, &room_id, &me, &q), 1);
+    assert_eq!(common::stored_replies(&store, &key).await, 2);
     bot.stop().await;
 }

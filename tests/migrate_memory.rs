@@ -20,7 +20,7 @@ fn turn<'a>(text: &'a str, id: Option<&'a str>) -> NewUserTurn<'a> {
 }
 
 /// A memory with what a release writes: replies, a reset, settings, a trim point, a private
-/// conversation, an edit, a cancelled reply and a turn without a platform id.
+/// conversation, an edit, a cancelled reply, a restart notice and a turn without a platform id.
 async fn fill(store: &Store) {
     let guild = store
         .conversation(&ConversationKey::new(Platform::Discord, "g1", "c1", ""))
@@ -47,10 +47,16 @@ async fn fill(store: &Store) {
             .unwrap();
     }
     store.reset(&guild).await.unwrap();
-    store
+    let Appended::New(unanswered) = store
         .append_user(&guild, &turn("after the reset", Some("d9")))
         .await
-        .unwrap();
+        .unwrap()
+    else {
+        panic!("new")
+    };
+    // Left unanswered by a restart, and told so.
+    assert!(store.claim_restart_notice(unanswered).await.unwrap());
+    store.mark_restart_notice_sent(unanswered).await.unwrap();
     store
         .edit_by_platform_id(Platform::Discord, "d9", "after the reset, edited")
         .await
@@ -171,11 +177,27 @@ async fn copies_sqlite_into_postgres_and_resumes() {
     let convs = from.conversations().await.unwrap();
     assert_eq!(to.conversations().await.unwrap(), convs);
     for c in &convs {
-        assert_eq!(
-            to.all_messages(c.id).await.unwrap(),
-            from.all_messages(c.id).await.unwrap()
-        );
+        let messages = from.all_messages(c.id).await.unwrap();
+        assert_eq!(to.all_messages(c.id).await.unwrap(), messages);
+        for m in &messages {
+            assert_eq!(
+                to.restart_notice(m.id).await.unwrap(),
+                from.restart_notice(m.id).await.unwrap(),
+                "the notice of message {}",
+                m.id
+            );
+        }
     }
+    let noticed = convs
+        .iter()
+        .find(|c| c.key.platform == Platform::Discord)
+        .unwrap();
+    let last = to.all_messages(noticed.id).await.unwrap();
+    assert_eq!(
+        to.restart_notice(last.last().unwrap().id).await.unwrap(),
+        Some(synthia_bot::memory::NoticeStatus::Sent),
+        "the restart notice came across"
+    );
 
     // Run again: nothing to do. Lose one conversation in the target (as if the copy had been
     // interrupted before it): only that one is copied.

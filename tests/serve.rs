@@ -20,17 +20,7 @@ const DISCORD_TOKEN: &str = "discord-secret-token-4f1c";
 
 /// `serve` with the tiny model and a database in `dir`; platforms are switched on by the caller.
 fn serve(dir: &Path, max_new: &str) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"));
-    c.arg("serve")
-        .current_dir(dir)
-        .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
-        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
-        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", max_new)
-        .env("SYNTHIA_BOT__MEMORY__DATABASE", dir.join("bot.sqlite"))
-        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", "1")
-        .env_remove("SYNTHIA_BOT_LOG")
-        .env_remove("NOTIFY_SOCKET");
-    c
+    common::daemon::serve_command(dir, max_new, "1")
 }
 
 fn with_discord(c: &mut tokio::process::Command, fake: &FakeDiscord, token: &str) {
@@ -277,6 +267,13 @@ async fn serves_discord_and_matrix_at_once() {
     assert!(
         log.contains("serve{instance=serve-test-1}") && log.contains("memory opened"),
         "the daemon's lines name its instance:\n{log}"
+    );
+    // Operators alert on ERROR: a whole ordinary session (login, first sends, a reply cut by
+    // SIGTERM) logs nothing there.
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(
+        errors.is_empty(),
+        "ERROR lines in an ordinary session:\n{errors:#?}"
     );
     for (what, secret) in [
         ("the Discord token", DISCORD_TOKEN),

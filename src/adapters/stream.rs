@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 use super::split::split_message;
 use crate::core::{ReplySink, text};
 
+/// What an edit is for. A platform short of requests may skip progress (a later edit shows the
+/// text anyway) but never the reply's final text or a notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Render {
+    /// Text still streaming in, or a new place in the queue.
+    Progress,
+    /// The whole reply, a failure, or a notice: what the message must end up showing.
+    Final,
+}
+
 /// One platform's way of posting and editing the messages of a reply.
 #[async_trait::async_trait]
 pub trait Surface: Send + Sync {
@@ -21,10 +31,56 @@ pub trait Surface: Send + Sync {
     fn limit(&self) -> usize;
     /// Posts part `index` (0 = the first message of the reply).
     async fn post(&self, index: usize, part: &str) -> Result<Self::Id, Self::Error>;
-    async fn edit(&self, index: usize, id: &Self::Id, part: &str) -> Result<(), Self::Error>;
+    /// Edits message `id` to show `part`: `Ok(false)` when a [`Render::Progress`] edit was
+    /// skipped (the platform was busy) and the message still shows what it did.
+    async fn edit(
+        &self,
+        index: usize,
+        id: &Self::Id,
+        part: &str,
+        render: Render,
+    ) -> Result<bool, Self::Error>;
     /// How often the typing indicator must be renewed; `None` where there is none.
     fn typing_interval(&self) -> Option<Duration>;
     async fn set_typing(&self, on: bool);
+    /// Keeps the typing indicator on until the hold is dropped; `None` where there is none.
+    /// By default a task of this reply's own renews it every `typing_interval`; a platform
+    /// whose indicator belongs to a whole channel shares one between the replies there.
+    fn hold_typing(self: Arc<Self>) -> Option<TypingHold>
+    where
+        Self: Sized + 'static,
+    {
+        let every = self.typing_interval()?;
+        let task = tokio::spawn(async move {
+            loop {
+                self.set_typing(true).await;
+                tokio::time::sleep(every).await;
+            }
+        });
+        Some(TypingHold::new(AbortOnDrop(task)))
+    }
+}
+
+/// Whatever keeps a typing indicator on; dropping it lets the indicator go.
+pub struct TypingHold {
+    _keeps: Box<dyn Send + Sync>,
+}
+
+impl TypingHold {
+    pub fn new(keeps: impl Send + Sync + 'static) -> Self {
+        Self {
+            _keeps: Box::new(keeps),
+        }
+    }
+}
+
+/// A renewing task, ended with its hold.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Shown<Id> {
@@ -108,7 +164,13 @@ impl<S: Surface + 'static> StreamedReply<S> {
             .unwrap_or_default();
         if wait.is_zero() {
             shown.pending_position = None;
-            render(&*self.surface, &mut shown, &text::queued(position)).await;
+            render(
+                &*self.surface,
+                &mut shown,
+                &text::queued(position),
+                Render::Progress,
+            )
+            .await;
             shown.placeholder = true;
             return;
         }
@@ -125,7 +187,13 @@ impl<S: Surface + 'static> StreamedReply<S> {
             if let Some(position) = shown.pending_position.take()
                 && shown.queue_notice_allowed()
             {
-                render(&*surface, &mut shown, &text::queued(position)).await;
+                render(
+                    &*surface,
+                    &mut shown,
+                    &text::queued(position),
+                    Render::Progress,
+                )
+                .await;
                 shown.placeholder = true;
             }
         });
@@ -134,7 +202,7 @@ impl<S: Surface + 'static> StreamedReply<S> {
     async fn show_update(&self, text_so_far: &str) {
         let mut shown = self.shown.lock().await;
         if self.paced(&mut shown, Pace::Skip).await {
-            render(&*self.surface, &mut shown, text_so_far).await;
+            render(&*self.surface, &mut shown, text_so_far, Render::Progress).await;
             shown.placeholder = false;
             shown.pending_position = None;
         }
@@ -170,6 +238,7 @@ impl<S: Surface + 'static> StreamedReply<S> {
                     &*self.surface,
                     &mut shown,
                     if text.trim().is_empty() { "…" } else { text },
+                    Render::Final,
                 )
                 .await;
             }
@@ -204,7 +273,7 @@ impl<S: Surface + 'static> StreamedReply<S> {
         if !self.paced(&mut shown, Pace::Wait).await {
             return;
         }
-        render(&*self.surface, &mut shown, notice).await;
+        render(&*self.surface, &mut shown, notice, Render::Final).await;
         shown.placeholder = false;
         shown.pending_position = None;
         shown.base = shown.messages.len();
@@ -212,8 +281,9 @@ impl<S: Surface + 'static> StreamedReply<S> {
 }
 
 /// Makes the platform show `text` as the reply's parts after `shown.base`: edits the messages
-/// whose part changed, posts new ones for parts beyond them.
-async fn render<S: Surface>(surface: &S, shown: &mut Shown<S::Id>, text: &str) {
+/// whose part changed, posts new ones for parts beyond them. A skipped progress edit leaves the
+/// message's recorded text as it is, so a later render edits it again.
+async fn render<S: Surface>(surface: &S, shown: &mut Shown<S::Id>, text: &str, kind: Render) {
     let parts = split_message(text, surface.limit());
     for (i, part) in parts.iter().enumerate() {
         let index = shown.base + i;
@@ -221,10 +291,11 @@ async fn render<S: Surface>(surface: &S, shown: &mut Shown<S::Id>, text: &str) {
             Some((_, old)) if old == part => Ok(()),
             Some((id, _)) => {
                 let id = id.clone();
-                surface
-                    .edit(index, &id, part)
-                    .await
-                    .map(|_| shown.messages[index].1 = part.clone())
+                surface.edit(index, &id, part, kind).await.map(|edited| {
+                    if edited {
+                        shown.messages[index].1 = part.clone();
+                    }
+                })
             }
             None => surface
                 .post(index, part)
@@ -242,12 +313,8 @@ async fn render<S: Surface>(surface: &S, shown: &mut Shown<S::Id>, text: &str) {
 #[async_trait::async_trait]
 impl<S: Surface + 'static> ReplySink for StreamedReply<S> {
     async fn typing(&self) {
-        if let Some(every) = self.surface.typing_interval() {
-            let surface = self.surface.clone();
-            self.typing.start(every, move || {
-                let surface = surface.clone();
-                async move { surface.set_typing(true).await }
-            });
+        if let Some(hold) = self.surface.clone().hold_typing() {
+            self.typing.start(hold);
         }
     }
 
@@ -272,48 +339,25 @@ impl<S: Surface + 'static> ReplySink for StreamedReply<S> {
     }
 }
 
-/// A typing indicator kept alive by a task until the reply ends.
+/// A reply's typing indicator, kept on until the reply ends.
 #[derive(Default)]
-pub struct Typing(Mutex<Option<tokio::task::JoinHandle<()>>>);
+pub struct Typing(Mutex<Option<TypingHold>>);
 
 impl Typing {
-    /// Runs `renew` now and then every `every`, replacing any earlier indicator task.
-    pub fn start<F, Fut>(&self, every: Duration, renew: F)
-    where
-        F: Fn() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        let task = tokio::spawn(async move {
-            loop {
-                renew().await;
-                tokio::time::sleep(every).await;
-            }
-        });
-        if let Some(old) = self
+    /// Keeps `hold` until [`Typing::stop`], replacing any earlier one.
+    pub fn start(&self, hold: TypingHold) {
+        let old = self
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .replace(task)
-        {
-            old.abort();
-        }
+            .replace(hold);
+        drop(old);
     }
 
-    /// Stops renewing; true if an indicator was running.
+    /// Lets the indicator go; true if one was on.
     pub fn stop(&self) -> bool {
-        match self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(t) => {
-                t.abort();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-impl Drop for Typing {
-    fn drop(&mut self) {
-        self.stop();
+        let hold = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        hold.is_some()
     }
 }
 
@@ -321,9 +365,9 @@ impl Drop for Typing {
 mod tests {
     use super::*;
 
-    /// Records posts and edits.
+    /// Records posts and edits; while `.1` is set it is "busy" and skips progress edits.
     #[derive(Default, Clone)]
-    struct Log(Arc<Mutex<Vec<String>>>);
+    struct Log(Arc<Mutex<Vec<String>>>, Arc<Mutex<bool>>);
 
     #[async_trait::async_trait]
     impl Surface for Log {
@@ -336,12 +380,21 @@ mod tests {
             self.0.lock().unwrap().push(format!("post {index} {part}"));
             Ok(index)
         }
-        async fn edit(&self, index: usize, id: &usize, part: &str) -> Result<(), String> {
+        async fn edit(
+            &self,
+            index: usize,
+            id: &usize,
+            part: &str,
+            render: Render,
+        ) -> Result<bool, String> {
+            if *self.1.lock().unwrap() && render == Render::Progress {
+                return Ok(false);
+            }
             self.0
                 .lock()
                 .unwrap()
                 .push(format!("edit {index}/{id} {part}"));
-            Ok(())
+            Ok(true)
         }
         fn typing_interval(&self) -> Option<Duration> {
             Some(Duration::from_secs(3600))
@@ -461,6 +514,28 @@ mod tests {
             &got[2..],
             &["edit 0/0 Hi".to_string(), "edit 0/0 Hi!".to_string()],
             "{got:?}"
+        );
+    }
+
+    /// A busy platform skips progress edits; the final text still goes out, even when the last
+    /// progress (skipped) already held all of it.
+    #[tokio::test]
+    async fn skipped_progress_never_keeps_the_final_text_from_showing() {
+        let log = Log::default();
+        let reply = StreamedReply::new(log.clone(), Duration::from_millis(10));
+        reply.update("Hello").await;
+        *log.1.lock().unwrap() = true;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reply.update("Hello there").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reply.finish("Hello there").await;
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![
+                "post 0 Hello".to_string(),
+                "edit 0/0 Hello there".to_string()
+            ]
         );
     }
 }

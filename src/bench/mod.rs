@@ -2,6 +2,7 @@
 //! on a follow-up turn, throughput with concurrent conversations, and peak memory. It drives the
 //! engine from outside, like any other caller.
 
+pub mod memory;
 pub mod random_model;
 mod report;
 

@@ -83,3 +83,28 @@ impl Incoming {
         }
     }
 }
+
+/// Text as every store and platform can hold it: NUL (which a model can emit as a byte token,
+/// and a user can type) becomes U+FFFD. PostgreSQL refuses NUL in text, and a reply must read the
+/// same stored as shown.
+pub fn without_nul(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+#[cfg(test)]
+mod nul_tests {
+    use super::without_nul;
+
+    #[test]
+    fn nul_becomes_the_replacement_character() {
+        assert_eq!(without_nul("a\0b\0"), "a\u{FFFD}b\u{FFFD}");
+        assert!(matches!(
+            without_nul("plain"),
+            std::borrow::Cow::Borrowed("plain")
+        ));
+    }
+}

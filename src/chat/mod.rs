@@ -10,6 +10,6 @@ pub mod trigger;
 
 pub use command::{Command, CommandError, Setting};
 pub use key::{ConversationKey, KeyError};
-pub use message::{Author, Incoming, Request, Role};
+pub use message::{Author, Incoming, Request, Role, without_nul};
 pub use platform::{Platform, UnknownPlatform};
 pub use trigger::Trigger;

@@ -18,7 +18,9 @@ mod size;
 
 pub use load::Sources;
 pub use model::{DTypeChoice, DeviceChoice, ModelSettings};
-pub use platforms::{AccessSettings, ConsoleSettings, DiscordSettings, MatrixSettings};
+pub use platforms::{
+    AccessSettings, ConsoleSettings, DiscordSettings, MatrixSettings, ShardPlan, ShardSettings,
+};
 pub use prompt::PromptSettings;
 pub use sampling::SamplingSettings;
 pub use service::{
@@ -88,6 +90,7 @@ impl Settings {
         self.sampling.validate()?;
         self.prompt.validate()?;
         self.memory.validate()?;
+        self.service.validate()?;
         self.log.validate()?;
         self.discord.validate()?;
         self.metrics.validate()?;
@@ -152,17 +155,84 @@ mod tests {
             ),
             ("[discord]\nenabled = true\n", "discord.token", "required"),
             (
+                "[discord.shards]\nids = \"0-1\"\n",
+                "discord.shards.total",
+                "must be set",
+            ),
+            (
+                "[discord.shards]\ntotal = 2\nids = \"1-2\"\n",
+                "discord.shards.ids",
+                "numbered 0 to 1",
+            ),
+            (
+                "[discord.shards]\ntotal = 4\nids = \"3-1\"\n",
+                "discord.shards.ids",
+                "backwards",
+            ),
+            (
+                "[discord.shards]\ntotal = 4\nids = \"0,2\"\n",
+                "discord.shards.ids",
+                "not a shard id or range",
+            ),
+            (
                 "[matrix]\nenabled = true\nhomeserver = \"http://127.0.0.1:1\"\nuser_id = \"bot\"\n",
                 "matrix.user_id",
                 "full Matrix user id",
             ),
             ("[log]\nformat = \"xml\"\n", "log.format", "xml"),
+            (
+                "[service]\nresume_window = 7200\nrestart_notice_window = 3600\n",
+                "service.resume_window",
+                "must not exceed service.restart_notice_window",
+            ),
+            (
+                "[service]\nrestart_notice_window = 99999999\n",
+                "service.restart_notice_window",
+                "at most",
+            ),
         ];
         for (text, key, needle) in cases {
             let err = load_with(text, &[]).expect_err(text);
             assert_eq!(&err.key, key, "{text} -> {err}");
             assert!(err.to_string().contains(needle), "{text} -> {err}");
         }
+    }
+
+    #[test]
+    fn shard_settings_become_plans() {
+        let plan = |total, ids: &str| {
+            ShardSettings {
+                total,
+                ids: ids.into(),
+            }
+            .plan()
+            .unwrap()
+        };
+        assert_eq!(plan(0, ""), ShardPlan::Recommended);
+        assert_eq!(
+            plan(4, ""),
+            ShardPlan::Range {
+                first: 0,
+                last: 3,
+                total: 4
+            }
+        );
+        assert_eq!(
+            plan(4, " 1 - 2 "),
+            ShardPlan::Range {
+                first: 1,
+                last: 2,
+                total: 4
+            }
+        );
+        assert_eq!(
+            plan(2, "1"),
+            ShardPlan::Range {
+                first: 1,
+                last: 1,
+                total: 2
+            }
+        );
     }
 
     #[test]

@@ -51,7 +51,77 @@ pub struct DiscordSettings {
     pub edit_interval_ms: u32,
     /// Channels where every message is answered, mention or not.
     pub always_answer: Vec<String>,
+    /// Which gateway shards this process runs; unset = all, as many as Discord recommends.
+    pub shards: ShardSettings,
     pub access: AccessSettings,
+}
+
+/// `discord.shards`: a bot in many guilds splits its gateway into shards, and several processes
+/// can each run some of them (Discord sends a guild's events to shard `(guild_id >> 22) % total`
+/// and direct messages to shard 0).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardSettings {
+    /// Shards the bot runs across every process; 0 = let Discord say (`/gateway/bot`) and run
+    /// them all here.
+    pub total: u32,
+    /// The shards of this process: `"2"` or `"0-1"` (inclusive); empty = all of `total`.
+    pub ids: String,
+}
+
+/// What `discord.shards` asks for, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardPlan {
+    /// Every shard, as many as Discord recommends.
+    Recommended,
+    /// Shards `first..=last` of `total`.
+    Range { first: u32, last: u32, total: u32 },
+}
+
+impl ShardSettings {
+    pub fn plan(&self) -> Result<ShardPlan, ConfigError> {
+        let ids = self.ids.trim();
+        if self.total == 0 {
+            if ids.is_empty() {
+                return Ok(ShardPlan::Recommended);
+            }
+            return Err(ConfigError::new(
+                "discord.shards.total",
+                "must be set when discord.shards.ids is: every process must agree on it",
+            ));
+        }
+        let bad = |why: String| ConfigError::new("discord.shards.ids", why);
+        let number = |s: &str| {
+            s.trim().parse::<u32>().map_err(|_| {
+                bad(format!(
+                    "`{ids}` is not a shard id or range such as \"0\" or \"0-1\""
+                ))
+            })
+        };
+        let (first, last) = if ids.is_empty() {
+            (0, self.total - 1)
+        } else if let Some((a, b)) = ids.split_once('-') {
+            (number(a)?, number(b)?)
+        } else {
+            let id = number(ids)?;
+            (id, id)
+        };
+        if first > last {
+            return Err(bad(format!("`{ids}` runs backwards")));
+        }
+        if last >= self.total {
+            return Err(bad(format!(
+                "`{ids}` names shard {last}, but shards are numbered 0 to {} (discord.shards.total = {})",
+                self.total - 1,
+                self.total
+            )));
+        }
+        Ok(ShardPlan::Range {
+            first,
+            last,
+            total: self.total,
+        })
+    }
 }
 
 impl Default for DiscordSettings {
@@ -64,6 +134,7 @@ impl Default for DiscordSettings {
             command_guilds: Vec::new(),
             edit_interval_ms: 1000,
             always_answer: Vec::new(),
+            shards: ShardSettings::default(),
             access: AccessSettings::default(),
         }
     }
@@ -96,6 +167,7 @@ impl DiscordSettings {
                 "required when discord.enabled = true (set SYNTHIA_BOT__DISCORD__TOKEN)",
             ));
         }
+        self.shards.plan()?;
         Ok(())
     }
 }

@@ -123,14 +123,48 @@ pub struct ServiceSettings {
     /// This daemon's name in logs and metrics, so several sharing one memory can be told apart;
     /// empty = the host name.
     pub instance: String,
+    /// Seconds back from start-up within which a stored question left without a reply (the
+    /// process died or was stopped first) is answered once its platform connects; 0 = none.
+    pub resume_window: u32,
+    /// Seconds back from start-up within which an unanswered question too old to resume gets,
+    /// once, a notice that the bot restarted and to ask again; older ones are left alone.
+    pub restart_notice_window: u32,
 }
+
+/// Questions older than this are never answered or noticed after a restart: a month-old
+/// question needs no reply, and the pending query stays small.
+pub const MAX_RESTART_NOTICE_WINDOW: u32 = 30 * 24 * 3600;
 
 impl Default for ServiceSettings {
     fn default() -> Self {
         Self {
             shutdown_grace: 20,
             instance: String::new(),
+            resume_window: 600,
+            restart_notice_window: 24 * 3600,
         }
+    }
+}
+
+impl ServiceSettings {
+    /// The notice window covers what is too old to resume, so it may not be shorter.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.restart_notice_window > MAX_RESTART_NOTICE_WINDOW {
+            return Err(ConfigError::new(
+                "service.restart_notice_window",
+                format!("must be at most {MAX_RESTART_NOTICE_WINDOW} seconds (30 days)"),
+            ));
+        }
+        if self.resume_window > self.restart_notice_window {
+            return Err(ConfigError::new(
+                "service.resume_window",
+                format!(
+                    "must not exceed service.restart_notice_window ({} s): questions too old to answer are the ones that get a restart notice",
+                    self.restart_notice_window
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

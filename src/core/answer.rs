@@ -1,26 +1,51 @@
 //! Answering a question: stored before anything else, one generation per conversation at a time,
 //! streamed into the sink, and the reply stored whole.
 
-use super::{Answering, Assistant, CoreConfig, CoreError, Outcome, ReplyReport, ReplySink, text};
-use crate::chat::{Incoming, Role};
+use super::{
+    Answering, Assistant, CoreConfig, CoreError, Outcome, ReplyReport, ReplySink, retry, text,
+};
+use crate::chat::{ConversationKey, Incoming, Role, without_nul};
 use crate::inference::{
     FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError,
 };
-use crate::memory::{Appended, NewUserTurn, Status};
+use crate::memory::{Appended, Conversation, NewUserTurn, Status};
 use crate::prompt::Turn;
 
+/// The question a generation answers.
+pub(super) struct Asked<'a> {
+    pub(super) question: &'a str,
+    /// Its stored row; `None` when it is not remembered.
+    pub(super) question_id: Option<i64>,
+    /// When it reached the core, where latency metrics count from.
+    pub(super) arrived: std::time::Instant,
+    /// Taken up after a restart rather than just received.
+    pub(super) resumed: bool,
+}
+
 impl Assistant {
+    /// The conversation, created on its first message. Looked up before anything is written, so
+    /// a conversation that exists is served even while the database cannot be written.
+    async fn conversation(&self, key: &ConversationKey) -> Result<Conversation, CoreError> {
+        Ok(match self.store.find_conversation(key).await? {
+            Some(conv) => conv,
+            None => self.store.conversation(key).await?,
+        })
+    }
+
     /// Stores the question, waits for the conversation's turn, generates and stores the reply.
     pub(super) async fn answer(
         &self,
         msg: Incoming,
         question: String,
+        arrived: std::time::Instant,
         config: &CoreConfig,
         sink: &dyn ReplySink,
     ) -> Outcome {
         self.answering
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let _answering = Answering(&self.answering);
+        // As it is stored and shown: no NUL.
+        let question = without_nul(&question).into_owned();
         let text_in = question.trim();
         if text_in.is_empty() {
             sink.notice(text::EMPTY).await;
@@ -33,8 +58,8 @@ impl Assistant {
             return Outcome::Rejected;
         }
         // The user turn is stored before anything else, so a crash or restart loses nothing.
-        let stored = async {
-            let conv = self.store.conversation(&msg.key).await?;
+        let stored = retry::storing("question", || async {
+            let conv = self.conversation(&msg.key).await?;
             if conv.private != msg.is_private {
                 self.store.set_private(&conv, msg.is_private).await?;
             }
@@ -56,7 +81,7 @@ impl Assistant {
                 None
             };
             Ok::<_, CoreError>((conv.id, question))
-        }
+        })
         .await;
         let (conversation_id, question_id) = match stored {
             Ok((_, Some(Appended::Duplicate(_)))) => return Outcome::Duplicate,
@@ -77,8 +102,18 @@ impl Assistant {
         // And across daemons sharing one PostgreSQL memory; a daemon that dies releases it.
         let answered = match self.store.take_turn(conversation_id).await {
             Ok(_shared_turn) => {
-                self.generate(&msg, &question, question_id, config, sink)
-                    .await
+                self.generate(
+                    &msg,
+                    Asked {
+                        question: &question,
+                        question_id,
+                        arrived,
+                        resumed: false,
+                    },
+                    config,
+                    sink,
+                )
+                .await
             }
             Err(e) => Err(e.into()),
         };
@@ -98,19 +133,27 @@ impl Assistant {
         }
     }
 
-    async fn generate(
+    /// Generates and stores the reply to `asked.question` (stored as `asked.question_id`, unless
+    /// not remembered). A resumed question, taken up after a restart, has its reply stored only
+    /// if it has none yet.
+    pub(super) async fn generate(
         &self,
         msg: &Incoming,
-        question: &str,
-        question_id: Option<i64>,
+        asked: Asked<'_>,
         config: &CoreConfig,
         sink: &dyn ReplySink,
     ) -> Result<Outcome, CoreError> {
+        let Asked {
+            question,
+            question_id,
+            arrived,
+            resumed,
+        } = asked;
         if self.closing.load(std::sync::atomic::Ordering::Acquire) {
             return Err(WorkerError::Stopped.into());
         }
         // Reload: settings may have changed while this message waited its turn.
-        let conv = self.store.conversation(&msg.key).await?;
+        let conv = self.conversation(&msg.key).await?;
         if let Some(id) = question_id
             && self.store.message(id).await?.is_none()
         {
@@ -155,19 +198,20 @@ impl Assistant {
                 .map(|s| s.to_string())
                 .collect(),
         };
-        let submitted = std::time::Instant::now();
         let mut handle = self.worker.submit(request)?;
         let cancel = handle.cancel_token();
         self.in_flight
             .track(&msg.key, msg.message_id.clone(), cancel.clone());
         let mut text_so_far = String::new();
         let mut result = None;
+        let mut first_token = None;
         while let Some(event) = handle.next().await {
             match event {
                 GenerationEvent::Queued { position } => sink.queued(position).await,
                 GenerationEvent::Started { .. } => {}
                 GenerationEvent::Delta(d) => {
-                    text_so_far.push_str(&d);
+                    first_token.get_or_insert_with(|| arrived.elapsed());
+                    text_so_far.push_str(&without_nul(&d));
                     sink.update(&text_so_far).await;
                 }
                 GenerationEvent::Finished(r) => {
@@ -177,9 +221,13 @@ impl Assistant {
             }
         }
         self.in_flight.untrack(&msg.key, &cancel);
-        let Some(result) = result else {
+        let Some(mut result) = result else {
             return Err(WorkerError::Stopped.into());
         };
+        // Stored and shown alike: a NUL the model wrote (a byte token) as U+FFFD.
+        if result.text.contains('\0') {
+            result.text = without_nul(&result.text).into_owned();
+        }
         let status = match result.finish {
             FinishReason::Eos | FinishReason::Stop | FinishReason::Length => Status::Complete,
             FinishReason::Cancelled => Status::Cancelled,
@@ -192,8 +240,11 @@ impl Assistant {
                 prompt_tokens: result.prompt_tokens,
                 reused_tokens: result.reused_tokens,
                 completion_tokens: result.completion_tokens,
-                time_to_first_token: result.time_to_first_token,
-                generation_time: submitted.elapsed(),
+                // A reply whose first token ended it streamed nothing: its first token came
+                // with the result.
+                time_to_first_token: first_token
+                    .or_else(|| (result.time_to_first_token.is_some()).then(|| arrived.elapsed())),
+                generation_time: result.prefill_time + result.decode_time,
                 trimmed_turns: prepared.built.trimmed_turns,
             },
         );
@@ -209,10 +260,23 @@ impl Assistant {
         );
         // Not stored when the question was deleted while the reply was written.
         let reply_id = match question_id {
+            Some(q) if msg.remember && resumed => {
+                retry::storing("reply", || async {
+                    Ok(self
+                        .store
+                        .append_only_reply(conv.id, q, &result.text, status)
+                        .await?)
+                })
+                .await?
+            }
             Some(q) if msg.remember => {
-                self.store
-                    .append_assistant(&conv, Some(q), &result.text, status, None)
-                    .await?
+                retry::storing("reply", || async {
+                    Ok(self
+                        .store
+                        .append_assistant(&conv, Some(q), &result.text, status, None)
+                        .await?)
+                })
+                .await?
             }
             _ => None,
         };

@@ -15,6 +15,8 @@ enum Action {
 impl Assistant {
     /// Handles one message from start to finish.
     pub async fn handle(&self, msg: Incoming, sink: &dyn ReplySink) -> Outcome {
+        // Latency metrics count from here: the moment the message reached the core.
+        let arrived = std::time::Instant::now();
         let span = tracing::info_span!(
             "message",
             platform = %msg.key.platform,
@@ -24,7 +26,7 @@ impl Assistant {
         let platform = msg.key.platform;
         let observer = self.observer();
         observer.received(platform);
-        let outcome = self.handle_inner(msg, sink).instrument(span).await;
+        let outcome = self.handle_inner(msg, arrived, sink).instrument(span).await;
         match &outcome {
             Outcome::Denied => observer.refused(platform, "denied"),
             Outcome::Duplicate => observer.refused(platform, "duplicate"),
@@ -36,7 +38,12 @@ impl Assistant {
         outcome
     }
 
-    async fn handle_inner(&self, msg: Incoming, sink: &dyn ReplySink) -> Outcome {
+    async fn handle_inner(
+        &self,
+        msg: Incoming,
+        arrived: std::time::Instant,
+        sink: &dyn ReplySink,
+    ) -> Outcome {
         let config = self.config();
         let access = config.access(msg.key.platform);
         if !access.allows(&msg) {
@@ -75,7 +82,7 @@ impl Assistant {
             return Outcome::RateLimited { retry_after: wait };
         }
         match action {
-            Action::Answer(question) => self.answer(msg, question, &config, sink).await,
+            Action::Answer(question) => self.answer(msg, question, arrived, &config, sink).await,
             Action::Run(cmd) => {
                 let admin = access.is_admin(&msg) || msg.is_private;
                 if cmd.needs_admin() && !admin {

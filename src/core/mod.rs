@@ -12,6 +12,8 @@ mod limits;
 mod live;
 mod observer;
 mod prompter;
+mod resume;
+mod retry;
 mod sink;
 pub mod text;
 
@@ -24,6 +26,7 @@ pub use error::CoreError;
 pub use live::CoreConfig;
 pub use observer::{Observer, ReplyReport};
 pub use prompter::{Prepared, Prompter, context_turns};
+pub use resume::{PendingQuestion, ResumeSinks, Resumed};
 pub use sink::{Outcome, ReplySink};
 
 use crate::chat::{ConversationKey, Incoming, Platform};
@@ -33,6 +36,7 @@ use crate::memory::Store;
 use in_flight::InFlight;
 use limits::Limits;
 use observer::NoObserver;
+use resume::{ResumeState, ResumeWindows};
 
 pub struct Assistant {
     store: Store,
@@ -47,6 +51,8 @@ pub struct Assistant {
     /// Set by `stop_all`: nothing new starts generating.
     closing: std::sync::atomic::AtomicBool,
     observer: RwLock<Arc<dyn Observer>>,
+    /// Questions the last run left unanswered, taken up once per platform.
+    resume: ResumeState,
 }
 
 /// Counts a question as being answered for as long as it lives.
@@ -80,6 +86,10 @@ impl Assistant {
             answering: std::sync::atomic::AtomicUsize::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             observer: RwLock::new(Arc::new(NoObserver)),
+            resume: ResumeState::new(ResumeWindows {
+                answer: Duration::from_secs(u64::from(settings.service.resume_window)),
+                notice: Duration::from_secs(u64::from(settings.service.restart_notice_window)),
+            }),
         }
     }
 

@@ -13,8 +13,11 @@ pub struct ReplyReport {
     /// Prompt tokens whose attention cache was reused (0: a cache miss).
     pub reused_tokens: usize,
     pub completion_tokens: usize,
+    /// From the message reaching the core to the first token reaching it: waiting for the
+    /// conversation's turn, building the prompt, the worker's queue and prefill included.
     pub time_to_first_token: Option<Duration>,
-    /// From submitting to the worker to the last token.
+    /// The worker's own time, from taking the request to its last token: the queue before it
+    /// and the platform's edits after it are not included.
     pub generation_time: Duration,
     /// Old turns left out of the prompt to fit the context window.
     pub trimmed_turns: usize,

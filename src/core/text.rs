@@ -27,6 +27,7 @@ pub const STORAGE_FAILED: &str =
     "I couldn't save your message, so I won't answer it yet. Please try again shortly.";
 pub const EMPTY: &str = "Your message is empty; ask me something.";
 pub const CANCELLED_SUFFIX: &str = " … (stopped)";
+pub const RESTARTED: &str = "I restarted before I could answer this, and it's too long ago to take up now. Please ask again.";
 
 pub fn rate_limited(seconds: u64) -> String {
     format!("You're sending messages faster than I can answer. Try again in {seconds} s.")

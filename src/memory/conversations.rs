@@ -5,7 +5,7 @@ use sqlx::AssertSqlSafe;
 use super::pool::on_pool;
 use super::records::{CONVERSATION_COLUMNS, Conversation, ConversationRow, ConversationSettings};
 use super::{MemoryError, Result, Store, now_ms};
-use crate::chat::ConversationKey;
+use crate::chat::{ConversationKey, without_nul};
 
 impl Store {
     /// Gets the conversation, creating it on first use.
@@ -98,7 +98,12 @@ impl Store {
                 "UPDATE conversations SET system_prompt = $1, temperature = $2, max_new_tokens = $3
                  WHERE id = $4",
             )
-            .bind(settings.system_prompt.as_deref())
+            .bind(
+                settings
+                    .system_prompt
+                    .as_deref()
+                    .map(|p| without_nul(p).into_owned()),
+            )
             .bind(settings.temperature)
             .bind(settings.max_new_tokens.map(i64::from))
             .bind(conversation.id)

@@ -1,6 +1,6 @@
 //! Copying a whole memory into another database (SQLite to PostgreSQL, or any pair): every
-//! conversation with its settings and boundaries, every message, ids kept so boundaries and
-//! reply links stay true. One transaction per conversation, so an interrupted copy leaves each
+//! conversation with its settings and boundaries, every message (with the run that accepted it)
+//! and every restart notice, ids kept so boundaries and reply links stay true. One transaction per conversation, so an interrupted copy leaves each
 //! conversation whole or absent, and running it again copies only what is missing.
 
 use sqlx::AssertSqlSafe;
@@ -10,7 +10,7 @@ use super::{MemoryError, Result, Store};
 
 const CONVERSATION_ROW: &str = "id, platform, space, channel, thread, created_at, private, reset_after, trim_after, system_prompt, temperature, max_new_tokens";
 
-const MESSAGE_ROW: &str = "id, conversation_id, role, author_id, author_name, content, platform, platform_message_id, reply_to, status, token_count, token_key, created_at, edited_at";
+const MESSAGE_ROW: &str = "id, conversation_id, role, author_id, author_name, content, platform, platform_message_id, reply_to, status, token_count, token_key, created_at, edited_at, accepted_by";
 
 /// A conversation row, every column.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -46,6 +46,15 @@ struct MessageCopy {
     token_key: Option<i64>,
     created_at: i64,
     edited_at: Option<i64>,
+    accepted_by: Option<i64>,
+}
+
+/// A restart notice row, every column.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct NoticeCopy {
+    question_id: i64,
+    status: String,
+    created_at: i64,
 }
 
 /// What a copy did, and the counts it checked on both sides.
@@ -108,7 +117,8 @@ impl Store {
                     )));
                 }
                 None => {
-                    target.insert_copy(conv, &messages).await?;
+                    let notices = self.notice_rows(conv.id).await?;
+                    target.insert_copy(conv, &messages, &notices).await?;
                     copied += 1;
                     progress(&name, true);
                 }
@@ -166,6 +176,19 @@ impl Store {
         }))
     }
 
+    async fn notice_rows(&self, conversation_id: i64) -> Result<Vec<NoticeCopy>> {
+        Ok(on_pool!(&self.pool, |p| {
+            sqlx::query_as(
+                "SELECT n.question_id, n.status, n.created_at
+                 FROM restart_notices n JOIN messages m ON m.id = n.question_id
+                 WHERE m.conversation_id = $1 ORDER BY n.question_id",
+            )
+            .bind(conversation_id)
+            .fetch_all(p)
+            .await?
+        }))
+    }
+
     async fn message_count(&self, conversation_id: i64) -> Result<u64> {
         let n: i64 = on_pool!(&self.pool, |p| {
             sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE conversation_id = $1")
@@ -176,15 +199,20 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 
-    /// The conversation and its messages, ids as they were, in one transaction.
-    async fn insert_copy(&self, conv: &ConversationCopy, messages: &[MessageCopy]) -> Result<()> {
+    /// The conversation, its messages and their notices, ids as they were, in one transaction.
+    async fn insert_copy(
+        &self,
+        conv: &ConversationCopy,
+        messages: &[MessageCopy],
+        notices: &[NoticeCopy],
+    ) -> Result<()> {
         let conversation_sql = format!(
             "INSERT INTO conversations ({CONVERSATION_ROW})
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         );
         let message_sql = format!(
             "INSERT INTO messages ({MESSAGE_ROW})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
         );
         on_pool!(&self.pool, |p| {
             let mut tx = p.begin().await?;
@@ -219,8 +247,20 @@ impl Store {
                     .bind(m.token_key)
                     .bind(m.created_at)
                     .bind(m.edited_at)
+                    .bind(m.accepted_by)
                     .execute(&mut *tx)
                     .await?;
+            }
+            for n in notices {
+                sqlx::query(
+                    "INSERT INTO restart_notices (question_id, status, created_at)
+                     VALUES ($1, $2, $3)",
+                )
+                .bind(n.question_id)
+                .bind(&n.status)
+                .bind(n.created_at)
+                .execute(&mut *tx)
+                .await?;
             }
             tx.commit().await?;
         });

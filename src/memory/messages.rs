@@ -9,7 +9,7 @@ use super::records::{
     StoredMessage,
 };
 use super::{Result, Store, now_ms};
-use crate::chat::Platform;
+use crate::chat::{Platform, without_nul};
 
 impl Store {
     /// Whether a platform message id was already stored (handled) on this platform.
@@ -34,23 +34,29 @@ impl Store {
         conversation: &Conversation,
         turn: &NewUserTurn<'_>,
     ) -> Result<Appended> {
+        // Every `RETURNING` statement is read to its end (`fetch_all`): SQLite commits, and
+        // reports a full disk, only after the returned row, and `fetch_optional` stops at the row.
         let inserted: Option<i64> = on_pool!(&self.pool, |p| {
             sqlx::query_scalar(
                 "INSERT INTO messages (conversation_id, role, author_id, author_name, content,
-                                       platform, platform_message_id, status, created_at)
-                 VALUES ($1, 'user', $2, $3, $4, $5, $6, 'complete', $7)
+                                       platform, platform_message_id, status, created_at,
+                                       accepted_by)
+                 VALUES ($1, 'user', $2, $3, $4, $5, $6, 'complete', $7, $8)
                  ON CONFLICT DO NOTHING
                  RETURNING id",
             )
             .bind(conversation.id)
             .bind(turn.author_id)
-            .bind(turn.author_name)
-            .bind(turn.content)
+            .bind(without_nul(turn.author_name).into_owned())
+            .bind(without_nul(turn.content).into_owned())
             .bind(conversation.key.platform.as_str())
             .bind(turn.platform_message_id)
             .bind(now_ms())
-            .fetch_optional(p)
+            .bind(self.run_id)
+            .fetch_all(p)
             .await?
+            .into_iter()
+            .next()
         });
         if let Some(id) = inserted {
             return Ok(Appended::New(id));
@@ -88,14 +94,16 @@ impl Store {
                  RETURNING id",
             )
             .bind(conversation.id)
-            .bind(content)
+            .bind(without_nul(content).into_owned())
             .bind(conversation.key.platform.as_str())
             .bind(platform_message_id)
             .bind(reply_to)
             .bind(status.as_str())
             .bind(now_ms())
-            .fetch_optional(p)
+            .fetch_all(p)
             .await?
+            .into_iter()
+            .next()
         }))
     }
 
@@ -155,12 +163,14 @@ impl Store {
                  WHERE platform = $3 AND platform_message_id = $4
                  RETURNING id, conversation_id",
             )
-            .bind(content)
+            .bind(without_nul(content).into_owned())
             .bind(now_ms())
             .bind(platform.as_str())
             .bind(platform_message_id)
-            .fetch_optional(p)
+            .fetch_all(p)
             .await?
+            .into_iter()
+            .next()
         });
         Ok(row.map(|(message_id, conversation_id)| Affected {
             message_id,

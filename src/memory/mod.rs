@@ -7,6 +7,7 @@ mod copy;
 mod error;
 mod export;
 mod messages;
+mod pending;
 mod pool;
 mod records;
 mod target;
@@ -21,6 +22,7 @@ use std::time::Duration;
 pub use copy::{CopyReport, Counts};
 pub use error::{MemoryError, Result};
 pub use export::{Exchange, pair_answers};
+pub use pending::{NoticeStatus, Unanswered};
 pub use records::{
     Affected, Appended, Conversation, ConversationSettings, NewUserTurn, Status, StoredMessage,
 };
@@ -40,6 +42,24 @@ pub struct Store {
     pool: Pool,
     /// PostgreSQL only: conversations this daemon is answering, locked for every daemon.
     turns: Option<Arc<TurnLocks>>,
+    /// This run's id, recorded on every question it accepts, so that after a restart only the
+    /// questions of runs that are gone are taken up (see `pending.rs`).
+    run_id: i64,
+}
+
+/// A random id for this run: never 0 (which stands for questions stored before runs were
+/// recorded), and within `i32`, as PostgreSQL's two-part advisory lock keys are.
+fn new_run_id() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        // std seeds each `RandomState` from the OS; that is all the randomness this needs.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let id = i64::from(h.finish() as u32 as i32);
+        if id != 0 {
+            return id;
+        }
+    }
 }
 
 impl Store {
@@ -53,6 +73,7 @@ impl Store {
             reason,
         })?;
         let pool = Pool::open(&parsed, lock_timeout).await?;
+        let run_id = new_run_id();
         let turns = match &parsed {
             Target::Postgres(url) => {
                 let options =
@@ -62,11 +83,42 @@ impl Store {
                             source,
                         }
                     })?;
-                Some(Arc::new(TurnLocks::new(options)))
+                let locks = Arc::new(TurnLocks::new(options, run_id as i32));
+                // The run is alive for other daemons from now on, before any question.
+                locks.connect().await.map_err(|e| match e {
+                    MemoryError::Db(source) => MemoryError::Open {
+                        target: parsed.to_string(),
+                        source,
+                    },
+                    other => other,
+                })?;
+                Some(locks)
             }
             Target::SqliteUrl(_) | Target::SqlitePath(_) => None,
         };
-        Ok(Store { pool, turns })
+        Ok(Store {
+            pool,
+            turns,
+            run_id,
+        })
+    }
+
+    /// This run's id, as recorded on the questions it accepts.
+    pub fn run_id(&self) -> i64 {
+        self.run_id
+    }
+
+    /// Whether the run that accepted a question is still working: this run is; on SQLite, whose
+    /// file one daemon owns, no other run is; on PostgreSQL, a run is alive while its daemon's
+    /// lock session lasts.
+    async fn run_alive(&self, run_id: i64) -> Result<bool> {
+        if run_id == self.run_id {
+            return Ok(true);
+        }
+        match (&self.turns, i32::try_from(run_id)) {
+            (Some(locks), Ok(key)) if run_id != 0 => locks.run_alive(key).await,
+            _ => Ok(false),
+        }
     }
 
     pub fn backend(&self) -> Backend {

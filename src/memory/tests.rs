@@ -485,13 +485,15 @@ async fn two_stores_claim_one_message_once() {
 }
 
 /// A SQLite memory written before the migrations moved to `migrations/sqlite/` (schema applied
-/// and recorded by sqlx as version 1, with the checksum of that file) opens untouched: the moved
-/// file keeps its version and its bytes.
+/// and recorded by sqlx as versions 1 and 2, with the checksums of those files) opens untouched:
+/// the moved files keep their versions and their bytes.
 #[tokio::test]
 async fn a_database_migrated_by_the_old_layout_still_opens() {
     use sqlx::Connection;
     // SHA-384 of `migrations/0001_conversations_and_messages.sql` as released.
     const RELEASED_0001: &str = "e5df19cb08b97c7c5c46406ef55f83c1e93acf2bd3fd97c0884128f3a95740bd17548892fcbe6b1388dca2a726d87a4b";
+    // And of `migrations/0002_restart_notices.sql`.
+    const RELEASED_0002: &str = "43cb0f7c1d2b3a54dabcacc78ce377efec878206961093539e96862f2d3ad74d64c16c2ccb7cfd2e143c5223d4694ce8";
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.sqlite");
     let url = format!("sqlite://{}?mode=rwc", path.display());
@@ -517,15 +519,28 @@ async fn a_database_migrated_by_the_old_layout_still_opens() {
         .execute(&mut conn)
         .await
         .unwrap();
-        let checksum: Vec<u8> = (0..RELEASED_0001.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&RELEASED_0001[i..i + 2], 16).unwrap())
-            .collect();
-        sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (1, 'conversations and messages', TRUE, $1, 1234)")
-            .bind(checksum)
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::raw_sql(include_str!(
+            "../../migrations/sqlite/0002_restart_notices.sql"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        for (version, description, hex) in [
+            (1, "conversations and messages", RELEASED_0001),
+            (2, "restart notices", RELEASED_0002),
+        ] {
+            let checksum: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES ($1, $2, TRUE, $3, 1234)")
+                .bind(version)
+                .bind(description)
+                .bind(checksum)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
         sqlx::raw_sql("INSERT INTO conversations (platform, channel, created_at) VALUES ('console', 'old', 1);
                        INSERT INTO messages (conversation_id, role, content, platform, status, created_at) VALUES (1, 'user', 'from before', 'console', 'complete', 1)")
             .execute(&mut conn)
@@ -552,10 +567,11 @@ async fn a_database_migrated_by_the_old_layout_still_opens() {
             .await
             .unwrap();
     assert_eq!(
-        rows.first(),
-        Some(&(1, 1234)),
-        "version 1 not applied again"
+        rows.get(..2),
+        Some(&[(1, 1234), (2, 1234)][..]),
+        "versions 1 and 2 not applied again"
     );
+    assert_eq!(rows.len(), 3, "and the later ones applied: {rows:?}");
 }
 
 /// Two daemons on one PostgreSQL memory answer one conversation at a time: the second waits
@@ -643,4 +659,239 @@ async fn sqlite_turns_are_granted_at_once() {
         .expect("no wait")
         .unwrap();
     drop(turn);
+}
+
+/// Questions a run left unanswered are taken up by the next: once, only those of its
+/// platform and window, with their notices claimed once.
+#[tokio::test]
+async fn unanswered_questions_are_found_and_taken_up_once() {
+    for db in databases().await {
+        let key = ConversationKey::new(Platform::Matrix, "", "!room:example.org", "");
+        let (q1, q2, q3) = {
+            // The run that stopped with questions left.
+            let store = db.open().await;
+            let conv = store.conversation(&key).await.unwrap();
+            let other = store
+                .conversation(&ConversationKey::new(Platform::Discord, "g", "c", ""))
+                .await
+                .unwrap();
+            let new = |a: Appended| match a {
+                Appended::New(id) => id,
+                Appended::Duplicate(_) => panic!("new"),
+            };
+            let q1 = new(store
+                .append_user(&conv, &user("one", Some("$1")))
+                .await
+                .unwrap());
+            let q2 = new(store
+                .append_user(&conv, &user("two", Some("$2")))
+                .await
+                .unwrap());
+            let q3 = new(store
+                .append_user(&conv, &user("three", Some("$3")))
+                .await
+                .unwrap());
+            store
+                .append_user(&other, &user("elsewhere", Some("d1")))
+                .await
+                .unwrap();
+            store
+                .append_assistant(&conv, Some(q2), "answered", Status::Complete, None)
+                .await
+                .unwrap();
+            let until = now_ms() + 1;
+            assert!(
+                store
+                    .take_unanswered(Platform::Matrix, 0, until)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "a run's own questions are its own to answer"
+            );
+            store.close().await;
+            (q1, q2, q3)
+        };
+        let store = db.open().await;
+        let conv = store.conversation(&key).await.unwrap();
+        let until = now_ms() + 1;
+        assert!(
+            store
+                .take_unanswered(Platform::Matrix, until, until + 1000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the window bounds by acceptance time"
+        );
+        let found = store
+            .take_unanswered(Platform::Matrix, 0, until)
+            .await
+            .unwrap();
+        let ids: Vec<i64> = found.iter().map(|u| u.question.id).collect();
+        assert_eq!(
+            ids,
+            vec![q1, q3],
+            "answered and other platforms' questions are not pending"
+        );
+        assert_eq!(found[0].key, key);
+        assert_eq!(found[0].private, conv.private);
+        assert_eq!(found[0].question.platform_message_id.as_deref(), Some("$1"));
+        assert!(
+            store
+                .take_unanswered(Platform::Matrix, 0, until)
+                .await
+                .unwrap()
+                .is_empty(),
+            "taken over once"
+        );
+        // A resumed reply is stored once; a second one for the same question is refused.
+        let first = store
+            .append_only_reply(conv.id, q1, "late answer", Status::Complete)
+            .await
+            .unwrap();
+        assert!(first.is_some());
+        assert_eq!(
+            store
+                .append_only_reply(conv.id, q1, "again", Status::Complete)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .append_only_reply(conv.id, q2, "again", Status::Complete)
+                .await
+                .unwrap(),
+            None,
+            "a question answered live is not answered again"
+        );
+
+        // A notice is claimed once, never for an answered question, and marked sent.
+        assert!(!store.claim_restart_notice(q1).await.unwrap());
+        assert!(store.claim_restart_notice(q3).await.unwrap());
+        assert!(!store.claim_restart_notice(q3).await.unwrap());
+        assert_eq!(
+            store.restart_notice(q3).await.unwrap(),
+            Some(NoticeStatus::Claimed)
+        );
+        store.mark_restart_notice_sent(q3).await.unwrap();
+        assert_eq!(
+            store.restart_notice(q3).await.unwrap(),
+            Some(NoticeStatus::Sent)
+        );
+        assert!(
+            store
+                .take_unanswered(Platform::Matrix, 0, until)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // The notice is not a message: the prompt's history and export do not see it.
+        assert_eq!(store.since_reset(&conv).await.unwrap().len(), 5);
+        let exchanges = store.exchanges(&conv).await.unwrap();
+        assert_eq!(exchanges[2].answer, None);
+
+        // Deleting the question on the platform takes its notice with it.
+        store
+            .delete_by_platform_id(Platform::Matrix, "$3")
+            .await
+            .unwrap();
+        assert_eq!(store.restart_notice(q3).await.unwrap(), None);
+    }
+}
+
+/// Several daemons on one PostgreSQL memory: the questions of a daemon that is still running
+/// are left to it, and when it is gone, of two daemons looking at once exactly one takes each.
+#[tokio::test]
+async fn a_live_daemons_questions_are_left_to_it_and_a_gone_ones_taken_over_once() {
+    let db = postgres_db().await;
+    let live = db.open().await;
+    let key = ConversationKey::new(Platform::Discord, "g", "c", "");
+    let conv = live.conversation(&key).await.unwrap();
+    let Appended::New(q) = live
+        .append_user(&conv, &user("still being answered", Some("d1")))
+        .await
+        .unwrap()
+    else {
+        panic!("new")
+    };
+    let (b, c) = (db.open().await, db.open().await);
+    let until = now_ms() + 1;
+    for other in [&b, &c] {
+        assert!(
+            other
+                .take_unanswered(Platform::Discord, 0, until)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a running daemon's question is taken over"
+        );
+    }
+    live.close().await;
+    let (x, y) = tokio::join!(
+        b.take_unanswered(Platform::Discord, 0, until),
+        c.take_unanswered(Platform::Discord, 0, until),
+    );
+    let taken: Vec<i64> = x
+        .unwrap()
+        .into_iter()
+        .chain(y.unwrap())
+        .map(|u| u.question.id)
+        .collect();
+    assert_eq!(taken, vec![q], "exactly one daemon takes the question over");
+}
+
+/// PostgreSQL refuses NUL in text; SQLite keeps it. Both store it as U+FFFD, in questions,
+/// names, replies, edits and system prompts, so a NUL a model or a user wrote loses nothing.
+#[tokio::test]
+async fn nul_characters_are_stored_alike_on_both_backends() {
+    for store in stores().await {
+        let conv = store
+            .conversation(&ConversationKey::console("nul"))
+            .await
+            .unwrap();
+        let turn = NewUserTurn {
+            author_id: "u1",
+            author_name: "al\0ice",
+            content: "a\0b",
+            platform_message_id: Some("n1"),
+        };
+        let Appended::New(q) = store.append_user(&conv, &turn).await.unwrap() else {
+            panic!("new")
+        };
+        store
+            .append_assistant(&conv, Some(q), "re\0ply", Status::Complete, None)
+            .await
+            .unwrap();
+        store
+            .set_settings(
+                &conv,
+                &ConversationSettings {
+                    system_prompt: Some("sys\0tem".into()),
+                    ..ConversationSettings::default()
+                },
+            )
+            .await
+            .unwrap();
+        let msgs = store.since_reset(&conv).await.unwrap();
+        assert_eq!(msgs[0].content, "a\u{FFFD}b");
+        assert_eq!(msgs[0].author_name.as_deref(), Some("al\u{FFFD}ice"));
+        assert_eq!(msgs[1].content, "re\u{FFFD}ply");
+        store
+            .edit_by_platform_id(Platform::Console, "n1", "ed\0it")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.since_reset(&conv).await.unwrap()[0].content,
+            "ed\u{FFFD}it"
+        );
+        let conv = store
+            .find_conversation(&ConversationKey::console("nul"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            conv.settings.system_prompt.as_deref(),
+            Some("sys\u{FFFD}tem")
+        );
+    }
 }

@@ -6,6 +6,10 @@
 //! Waiting is polling with `pg_try_advisory_lock`, so the session is never blocked and no pooled
 //! connection is held while a conversation waits. A SQLite file belongs to one daemon, whose
 //! in-process order is all there is: there a turn is granted at once.
+//!
+//! The same session holds, for as long as it lasts, one more lock that stands for this run
+//! ([`RUN_SPACE`], the run's id): another daemon that can take it knows the run is gone, and takes
+//! over the questions it left unanswered (`pending.rs`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,6 +28,9 @@ const POLL: Duration = Duration::from_millis(50);
 /// programs' locks in the same database.
 pub(super) const LOCK_SPACE: i32 = 0x5359_4E54;
 
+/// First half of the key of the lock that says a run is alive ("SYNU"); the second is its id.
+pub(super) const RUN_SPACE: i32 = 0x5359_4E55;
+
 /// Second half: the conversation id (wrapping past 2^32 conversations, where two share a lock
 /// and so merely take turns).
 fn lock_key(conversation_id: i64) -> i32 {
@@ -33,6 +40,8 @@ fn lock_key(conversation_id: i64) -> i32 {
 /// This daemon's lock session and the conversations it holds through it.
 pub(super) struct TurnLocks {
     options: PgConnectOptions,
+    /// This run's id, the second half of its alive lock.
+    run_key: i32,
     session: tokio::sync::Mutex<Option<PgConnection>>,
     /// Advisory locks are re-entrant within a session; this keeps two tasks of this daemon from
     /// both being granted the same conversation.
@@ -46,9 +55,10 @@ impl std::fmt::Debug for TurnLocks {
 }
 
 impl TurnLocks {
-    pub(super) fn new(options: PgConnectOptions) -> TurnLocks {
+    pub(super) fn new(options: PgConnectOptions, run_key: i32) -> TurnLocks {
         TurnLocks {
             options: options.application_name("synthia-bot turns"),
+            run_key,
             session: tokio::sync::Mutex::new(None),
             held: Mutex::new(HashSet::new()),
         }
@@ -65,12 +75,7 @@ impl TurnLocks {
         if self.held().contains(&conversation_id) {
             return Ok(false);
         }
-        if session.is_none() {
-            *session = Some(PgConnection::connect_with(&self.options).await?);
-        }
-        let Some(conn) = session.as_mut() else {
-            return Ok(false);
-        };
+        let conn = self.session(&mut session).await?;
         let taken = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, $2)")
             .bind(LOCK_SPACE)
             .bind(lock_key(conversation_id))
@@ -81,6 +86,63 @@ impl TurnLocks {
             Ok(false) => Ok(false),
             Err(e) => {
                 // The session is gone, and with it every lock it held: start afresh.
+                *session = None;
+                self.held().clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The open session, connected (and this run's alive lock taken) when there was none.
+    async fn session<'s>(
+        &self,
+        session: &'s mut Option<PgConnection>,
+    ) -> Result<&'s mut PgConnection> {
+        if session.is_none() {
+            let mut conn = PgConnection::connect_with(&self.options).await?;
+            sqlx::query("SELECT pg_advisory_lock($1, $2)")
+                .bind(RUN_SPACE)
+                .bind(self.run_key)
+                .execute(&mut conn)
+                .await?;
+            *session = Some(conn);
+        }
+        match session.as_mut() {
+            Some(conn) => Ok(conn),
+            None => Err(sqlx::Error::PoolClosed.into()),
+        }
+    }
+
+    /// Opens the session now, so this run counts as alive before it accepts anything.
+    pub(super) async fn connect(&self) -> Result<()> {
+        let mut session = self.session.lock().await;
+        self.session(&mut session).await.map(|_| ())
+    }
+
+    /// Whether another run's daemon still holds its session: if its alive lock can be taken, the
+    /// run is gone (the lock is let go again at once).
+    pub(super) async fn run_alive(&self, run_key: i32) -> Result<bool> {
+        let mut session = self.session.lock().await;
+        let conn = self.session(&mut session).await?;
+        let outcome = async {
+            let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(RUN_SPACE)
+                .bind(run_key)
+                .fetch_one(&mut *conn)
+                .await?;
+            if free {
+                sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                    .bind(RUN_SPACE)
+                    .bind(run_key)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(!free)
+        }
+        .await;
+        match outcome {
+            Ok(alive) => Ok(alive),
+            Err(e) => {
                 *session = None;
                 self.held().clear();
                 Err(e.into())

@@ -5,6 +5,23 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncBufReadExt;
 
+/// `synthia-bot serve` in `dir` with the tiny model on one thread, its database `dir/bot.sqlite`,
+/// `max_new` tokens a reply and `grace` seconds to finish on SIGTERM; no platform yet, and
+/// neither the caller's log filter nor its systemd socket.
+pub fn serve_command(dir: &std::path::Path, max_new: &str, grace: &str) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"));
+    c.arg("serve")
+        .current_dir(dir)
+        .env("SYNTHIA_BOT__MODEL__PATH", super::tiny_hf())
+        .env("SYNTHIA_BOT__MODEL__THREADS", "1")
+        .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", max_new)
+        .env("SYNTHIA_BOT__MEMORY__DATABASE", dir.join("bot.sqlite"))
+        .env("SYNTHIA_BOT__SERVICE__SHUTDOWN_GRACE", grace)
+        .env_remove("SYNTHIA_BOT_LOG")
+        .env_remove("NOTIFY_SOCKET");
+    c
+}
+
 pub struct Daemon {
     child: tokio::process::Child,
     log: Arc<Mutex<String>>,
@@ -54,6 +71,20 @@ impl Daemon {
         let pid = self.child.id().expect("running") as i32;
         // SAFETY: signalling the child this test started, by its PID.
         unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+
+    /// SIGKILL, as a crash or the OOM killer ends a process: nothing runs after it. Waits for
+    /// the process to be gone.
+    pub async fn sigkill(&mut self) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: signalling the child this test started, by its PID.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let status = self.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status:?}"
+        );
     }
 
     pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {

@@ -3,6 +3,8 @@
 
 pub mod daemon;
 pub mod postgres;
+pub mod proxy;
+pub mod sink;
 
 use std::path::{Path, PathBuf};
 
@@ -101,4 +103,23 @@ pub fn tiny_worker(opts: WorkerOptions) -> Worker {
     )
     .unwrap();
     Worker::spawn(loaded, opts)
+}
+
+/// How many replies the conversation holds in memory, reset or not.
+pub async fn stored_replies(
+    store: &synthia_bot::memory::Store,
+    key: &synthia_bot::chat::ConversationKey,
+) -> usize {
+    let conv = store
+        .find_conversation(key)
+        .await
+        .unwrap()
+        .expect("the conversation is stored");
+    store
+        .all_messages(conv.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == synthia_bot::chat::Role::Assistant)
+        .count()
 }

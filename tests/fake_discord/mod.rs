@@ -1,10 +1,13 @@
 //! A protocol-level fake of Discord on 127.0.0.1: the gateway websocket (HELLO, IDENTIFY/READY,
 //! heartbeats, RESUME, dispatches) and the REST routes the bot uses. It records every REST call
-//! so tests can assert on what the real serenity client sent.
+//! so tests can assert on what the real serenity client sent. Like Discord it may announce
+//! several shards: each IDENTIFY names its shard, and a guild's events go to the session of shard
+//! `(guild_id >> 22) % total`, direct messages to shard 0.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +33,18 @@ pub struct Call {
     pub body: Value,
     pub at: Instant,
     pub status: u16,
+    /// The message a successful post or edit created or changed.
+    pub message_id: Option<String>,
+}
+
+/// How the fake answers an edit instead of applying it.
+#[derive(Debug, Clone, Copy)]
+pub enum EditFailure {
+    /// Discord's edge: 502 with an HTML page, no JSON.
+    BadGateway,
+    /// 429 with `retry_after` (seconds) in the body and in the `Retry-After` (whole seconds,
+    /// rounded up) and `X-RateLimit-Reset-After` headers, as Discord sends them.
+    RateLimited { retry_after: f64 },
 }
 
 enum GwCommand {
@@ -43,12 +58,19 @@ struct Shared {
     calls: Mutex<Vec<Call>>,
     changed: Notify,
     next_id: AtomicU64,
-    seq: AtomicU64,
-    gateway: Mutex<Option<mpsc::UnboundedSender<GwCommand>>>,
+    /// Shards `/gateway/bot` recommends; 0 is taken as 1.
+    shards: AtomicU32,
+    /// The live session of each shard, by shard id.
+    gateways: Mutex<HashMap<u32, mpsc::UnboundedSender<GwCommand>>>,
+    /// The `[shard, total]` of every IDENTIFY, in order.
+    identified: Mutex<Vec<[u32; 2]>>,
     ready: Notify,
     identifies: AtomicUsize,
     resumes: AtomicUsize,
     fail_edits: AtomicUsize,
+    edit_failures: Mutex<std::collections::VecDeque<EditFailure>>,
+    /// Messages created with `enforce_nonce`, by nonce: Discord answers a repeat with the first.
+    nonces: Mutex<std::collections::HashMap<String, Value>>,
     replay_on_resume: Mutex<Vec<(String, Value)>>,
     /// Events sent in the same burst as READY, just ahead of it.
     with_ready: Mutex<Vec<(String, Value)>>,
@@ -190,7 +212,7 @@ impl FakeDiscord {
     pub async fn wait_ready(&self) {
         tokio::time::timeout(Duration::from_secs(30), async {
             while self.shared.identifies.load(Ordering::SeqCst) == 0
-                || self.shared.gateway.lock().unwrap().is_none()
+                || self.shared.gateways.lock().unwrap().is_empty()
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -204,16 +226,76 @@ impl FakeDiscord {
         .await;
     }
 
+    /// Sends an event to the session of the shard Discord would route it to.
     pub fn dispatch(&self, t: &str, d: Value) {
+        let shard = self.shard_of(&d);
+        self.dispatch_to(shard, t, d);
+    }
+
+    /// Sends an event to one shard's session, wherever Discord would route it (a message
+    /// delivered twice, as during an overlapping restart).
+    pub fn dispatch_to(&self, shard: u32, t: &str, d: Value) {
         let tx = self
             .shared
-            .gateway
+            .gateways
             .lock()
             .unwrap()
-            .clone()
-            .expect("no gateway connection");
+            .get(&shard)
+            .cloned()
+            .unwrap_or_else(|| panic!("no gateway connection for shard {shard}"));
         tx.send(GwCommand::Dispatch(t.to_string(), d))
             .expect("gateway connection gone");
+    }
+
+    /// Like [`Self::dispatch`], but answers false instead of failing while no client is
+    /// connected (a test that kills the bot keeps sending).
+    pub fn try_dispatch(&self, t: &str, d: Value) -> bool {
+        let shard = self.shard_of(&d);
+        let tx = self.shared.gateways.lock().unwrap().get(&shard).cloned();
+        tx.is_some_and(|tx| tx.send(GwCommand::Dispatch(t.to_string(), d)).is_ok())
+    }
+
+    /// The shard Discord sends an event to: by its guild, direct messages to shard 0.
+    pub fn shard_of(&self, d: &Value) -> u32 {
+        let total = u64::from(self.shared.shards.load(Ordering::SeqCst).max(1));
+        let guild = d["guild_id"]
+            .as_str()
+            .and_then(|g| g.parse::<u64>().ok())
+            .or_else(|| d["guild_id"].as_u64());
+        guild.map_or(0, |g| ((g >> 22) % total) as u32)
+    }
+
+    /// How many shards `/gateway/bot` recommends.
+    pub fn set_shards(&self, total: u32) {
+        self.shared.shards.store(total, Ordering::SeqCst);
+    }
+
+    /// The `[shard, total]` of every IDENTIFY so far.
+    pub fn identified(&self) -> Vec<[u32; 2]> {
+        self.shared.identified.lock().unwrap().clone()
+    }
+
+    /// Waits until every one of `shards` has a live session.
+    pub async fn wait_shards(&self, shards: &[u32]) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let all = {
+                    let live = self.shared.gateways.lock().unwrap();
+                    shards.iter().all(|s| live.contains_key(s))
+                };
+                if all {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "shards {shards:?} never all identified: {:?}",
+                self.identified()
+            )
+        });
     }
 
     /// Closes the gateway with 4000 (the client resumes); `replay` is sent again after RESUMED,
@@ -222,10 +304,10 @@ impl FakeDiscord {
         *self.shared.replay_on_resume.lock().unwrap() = replay;
         let tx = self
             .shared
-            .gateway
+            .gateways
             .lock()
             .unwrap()
-            .take()
+            .remove(&0)
             .expect("no gateway connection");
         let _ = tx.send(GwCommand::Close(4000));
         tokio::time::timeout(Duration::from_secs(30), async {
@@ -255,6 +337,16 @@ impl FakeDiscord {
     /// The next `n` message edits are answered 429.
     pub fn fail_next_edits(&self, n: usize) {
         self.shared.fail_edits.store(n, Ordering::SeqCst);
+    }
+
+    /// The next edits are answered with `failures`, in order, before any edit succeeds.
+    pub fn fail_edits_with(&self, failures: Vec<EditFailure>) {
+        self.shared.edit_failures.lock().unwrap().extend(failures);
+    }
+
+    /// Forgets the edit failures not used yet.
+    pub fn clear_edit_failures(&self) {
+        self.shared.edit_failures.lock().unwrap().clear();
     }
 
     /// When the client first called `path`.
@@ -291,12 +383,24 @@ impl FakeDiscord {
 }
 
 fn record(s: &Shared, method: &str, path: &str, body: Value, status: u16) {
+    record_message(s, method, path, body, status, None);
+}
+
+fn record_message(
+    s: &Shared,
+    method: &str,
+    path: &str,
+    body: Value,
+    status: u16,
+    message_id: Option<String>,
+) {
     s.calls.lock().unwrap().push(Call {
         method: method.into(),
         path: path.into(),
         body,
         at: Instant::now(),
         status,
+        message_id,
     });
     s.changed.notify_waiters();
 }
@@ -345,7 +449,8 @@ async fn gateway_url(AxState(s): AxState<Arc<Shared>>, headers: axum::http::Head
     }
     let addr = s.addr.lock().unwrap().expect("bound");
     record(&s, "GET", "/api/v10/gateway", Value::Null, 200);
-    axum::Json(json!({ "url": format!("ws://{addr}/gw"), "shards": 1,
+    let shards = s.shards.load(Ordering::SeqCst).max(1);
+    axum::Json(json!({ "url": format!("ws://{addr}/gw"), "shards": shards,
         "session_start_limit": { "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1 } }))
     .into_response()
 }
@@ -374,8 +479,48 @@ async fn create_message(
     body: String,
 ) -> Response {
     let body = parse(&body);
-    record(&s, "POST", uri.path(), body.clone(), 200);
-    axum::Json(bot_message(&s, &channel, &body, None)).into_response()
+    let nonce = body["nonce"]
+        .as_str()
+        .filter(|_| body["enforce_nonce"] == json!(true))
+        .map(str::to_string);
+    if let Some(n) = &nonce
+        && let Some(first) = s.nonces.lock().unwrap().get(n).cloned()
+    {
+        let id = first["id"].as_str().map(str::to_string);
+        record_message(&s, "POST", uri.path(), body, 200, id);
+        return axum::Json(first).into_response();
+    }
+    let m = bot_message(&s, &channel, &body, None);
+    if let Some(n) = nonce {
+        s.nonces.lock().unwrap().insert(n, m.clone());
+    }
+    let id = m["id"].as_str().map(str::to_string);
+    record_message(&s, "POST", uri.path(), body, 200, id);
+    axum::Json(m).into_response()
+}
+
+/// Discord's edge answering for an API it cannot reach.
+const BAD_GATEWAY_PAGE: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n";
+
+fn edit_failure(f: EditFailure) -> Response {
+    match f {
+        EditFailure::BadGateway => (
+            StatusCode::BAD_GATEWAY,
+            [("content-type", "text/html")],
+            BAD_GATEWAY_PAGE,
+        )
+            .into_response(),
+        EditFailure::RateLimited { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                ("retry-after", retry_after.ceil().to_string()),
+                ("x-ratelimit-reset-after", format!("{retry_after:.3}")),
+                ("x-ratelimit-scope", "user".to_string()),
+            ],
+            axum::Json(json!({ "message": "You are being rate limited.", "retry_after": retry_after, "global": false, "code": 0 })),
+        )
+            .into_response(),
+    }
 }
 
 async fn edit_message(
@@ -385,6 +530,15 @@ async fn edit_message(
     body: String,
 ) -> Response {
     let body = parse(&body);
+    let scripted = s.edit_failures.lock().unwrap().pop_front();
+    if let Some(f) = scripted {
+        let status = match f {
+            EditFailure::BadGateway => 502,
+            EditFailure::RateLimited { .. } => 429,
+        };
+        record(&s, "PATCH", uri.path(), body, status);
+        return edit_failure(f);
+    }
     let failing = s
         .fail_edits
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -398,14 +552,16 @@ async fn edit_message(
         )
             .into_response();
     }
-    record(&s, "PATCH", uri.path(), body.clone(), 200);
+    record_message(&s, "PATCH", uri.path(), body.clone(), 200, Some(id.clone()));
     axum::Json(bot_message(&s, &channel, &body, Some(id))).into_response()
 }
 
 async fn create_followup(AxState(s): AxState<Arc<Shared>>, uri: Uri, body: String) -> Response {
     let body = parse(&body);
-    record(&s, "POST", uri.path(), body.clone(), 200);
-    axum::Json(bot_message(&s, &CHANNEL.to_string(), &body, None)).into_response()
+    let m = bot_message(&s, &CHANNEL.to_string(), &body, None);
+    let id = m["id"].as_str().map(str::to_string);
+    record_message(&s, "POST", uri.path(), body, 200, id);
+    axum::Json(m).into_response()
 }
 
 async fn edit_webhook(
@@ -470,6 +626,10 @@ async fn serve_gateway(s: Arc<Shared>, mut socket: WebSocket) {
         return;
     }
     let addr = s.addr.lock().unwrap().expect("bound");
+    // Sequence numbers count per session, as Discord's do; a resumed session goes on from the
+    // client's last.
+    let mut seq: u64 = 0;
+    let mut shard: u32;
     loop {
         tokio::select! {
             incoming = socket.recv() => {
@@ -482,32 +642,44 @@ async fn serve_gateway(s: Arc<Shared>, mut socket: WebSocket) {
                     }
                     Some(2) => {
                         s.identifies.fetch_add(1, Ordering::SeqCst);
+                        let pair = &v["d"]["shard"];
+                        shard = pair[0].as_u64().unwrap_or(0) as u32;
+                        let total = pair[1].as_u64().unwrap_or(1) as u32;
+                        s.identified.lock().unwrap().push([shard, total]);
+                        seq = 0;
                         let ready = json!({
                             "v": 10, "user": user(BOT_ID, "synthia", true), "guilds": [],
-                            "session_id": "session-1", "resume_gateway_url": format!("ws://{addr}/gw"),
-                            "shard": [0, 1], "application": { "id": APP_ID.to_string(), "flags": 0 }
+                            "session_id": format!("session-{shard}"),
+                            "resume_gateway_url": format!("ws://{addr}/gw"),
+                            "shard": [shard, total], "application": { "id": APP_ID.to_string(), "flags": 0 }
                         });
                         // The burst goes out first, so serenity has these events in hand before
                         // READY: their handlers run with the ready handler not yet run.
                         let burst = std::mem::take(&mut *s.with_ready.lock().unwrap());
                         for (t, d) in burst {
-                            let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                            seq += 1;
                             let _ = socket.send(frame(0, Some(&t), Some(seq), d)).await;
                         }
-                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        seq += 1;
                         let _ = socket.send(frame(0, Some("READY"), Some(seq), ready)).await;
-                        *s.gateway.lock().unwrap() = Some(tx.clone());
+                        s.gateways.lock().unwrap().insert(shard, tx.clone());
                     }
                     Some(6) => {
                         s.resumes.fetch_add(1, Ordering::SeqCst);
-                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        shard = v["d"]["session_id"]
+                            .as_str()
+                            .and_then(|id| id.strip_prefix("session-"))
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0);
+                        seq = v["d"]["seq"].as_u64().unwrap_or(0);
+                        seq += 1;
                         let _ = socket.send(frame(0, Some("RESUMED"), Some(seq), json!({}))).await;
                         let replay = std::mem::take(&mut *s.replay_on_resume.lock().unwrap());
                         for (t, d) in replay {
-                            let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                            seq += 1;
                             let _ = socket.send(frame(0, Some(&t), Some(seq), d)).await;
                         }
-                        *s.gateway.lock().unwrap() = Some(tx.clone());
+                        s.gateways.lock().unwrap().insert(shard, tx.clone());
                     }
                     _ => {}
                 }
@@ -515,7 +687,7 @@ async fn serve_gateway(s: Arc<Shared>, mut socket: WebSocket) {
             command = rx.recv() => {
                 match command {
                     Some(GwCommand::Dispatch(t, d)) => {
-                        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        seq += 1;
                         if socket.send(frame(0, Some(&t), Some(seq), d)).await.is_err() {
                             break;
                         }

@@ -9,9 +9,10 @@ use serenity::all::{GatewayIntents, HttpBuilder};
 use serenity::http::HttpError;
 
 use super::handler::Handler;
+use super::rest::{REQUEST_TIMEOUT, Rest};
 use super::surface::no_mentions;
 use crate::adapters::{ConnectError, until_stopped};
-use crate::config::DiscordSettings;
+use crate::config::{DiscordSettings, ShardPlan};
 use crate::core::Assistant;
 
 /// Discord's own API; any other `api_base` is used as a proxy (tests, self-hosted proxies).
@@ -20,6 +21,7 @@ const DISCORD_BASE: &str = "https://discord.com";
 /// A connected Discord client; `run` drives it until the connection ends for good.
 pub struct DiscordClient {
     client: serenity::Client,
+    shards: ShardPlan,
 }
 
 impl DiscordClient {
@@ -30,14 +32,33 @@ impl DiscordClient {
         settings: &DiscordSettings,
         assistant: Arc<Assistant>,
     ) -> Result<Self, ConnectError> {
+        let shards = settings
+            .shards
+            .plan()
+            .map_err(|e| ConnectError::Misconfigured(e.to_string()))?;
         let base = settings.api_base.trim_end_matches('/');
         let base = base.strip_suffix("/api/v10").unwrap_or(base);
-        let mut builder = HttpBuilder::new(&settings.token).default_allowed_mentions(no_mentions());
-        if base != DISCORD_BASE {
-            // serenity's rate limiter would bypass the proxy: our own back-off handles 429s.
-            builder = builder.proxy(base).ratelimiter_disabled(true);
-        }
-        let http = builder.build();
+        // One connection pool for serenity and the adapter's own requests, with a deadline on
+        // each request so a dropped connection is retried instead of waited on for ever.
+        let pool = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| {
+                ConnectError::Misconfigured(format!("cannot set up HTTP for Discord: {e}"))
+            })?;
+        let http = || {
+            let mut builder = HttpBuilder::new(&settings.token)
+                .client(pool.clone())
+                .default_allowed_mentions(no_mentions());
+            if base != DISCORD_BASE {
+                // serenity's rate limiter would bypass the proxy: `Rest` retries 429s itself.
+                builder = builder.proxy(base).ratelimiter_disabled(true);
+            }
+            builder.build()
+        };
+        let rest = Arc::new(Rest::new(Arc::new(http()), pool.clone()));
+        let http = http();
+        rest.limiter().acquire().await;
         let gateway = http
             .get_gateway()
             .await
@@ -48,6 +69,7 @@ impl DiscordClient {
                 gateway.url
             )));
         }
+        rest.limiter().acquire().await;
         let me = http
             .get_current_user()
             .await
@@ -56,14 +78,14 @@ impl DiscordClient {
             | GatewayIntents::GUILD_MESSAGES
             | GatewayIntents::DIRECT_MESSAGES
             | GatewayIntents::MESSAGE_CONTENT;
-        let handler = Handler::new(assistant, settings.clone(), me.id);
+        let handler = Handler::new(assistant, settings.clone(), me.id, rest);
         let client = serenity::client::ClientBuilder::new_with_http(http, intents)
             .event_handler(handler)
             .await
             .map_err(|e| {
                 ConnectError::Misconfigured(format!("cannot create the Discord client: {e}"))
             })?;
-        Ok(Self { client })
+        Ok(Self { client, shards })
     }
 
     /// Runs until the gateway connection ends for good (serenity reconnects and resumes on its
@@ -73,7 +95,23 @@ impl DiscordClient {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), ConnectError> {
         let shards = self.client.shard_manager.clone();
-        let run = self.client.start();
+        let plan = self.shards;
+        let client = &mut self.client;
+        let run = async move {
+            match plan {
+                ShardPlan::Recommended => client.start_autosharded().await,
+                ShardPlan::Range { first, last, total } => {
+                    tracing::info!(
+                        first,
+                        last,
+                        total,
+                        "running Discord shards {first} to {last} of {total}"
+                    );
+                    // serenity's range includes its end.
+                    client.start_shard_range(first..last, total).await
+                }
+            }
+        };
         tokio::pin!(run);
         tokio::select! {
             r = &mut run => r.map_err(|e| gateway_error(&e)),

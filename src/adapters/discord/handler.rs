@@ -6,16 +6,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serenity::all::{
-    ChannelId, CommandDataOptionValue, CommandInteraction, Context, EventHandler, GuildChannel,
+    ApplicationId, ChannelId, CommandDataOptionValue, CommandInteraction, Context, CreateCommand,
+    CreateInteractionResponse, CreateInteractionResponseMessage, EventHandler, GuildChannel,
     GuildId, Interaction, Message, MessageId, MessageType, MessageUpdateEvent, Ready, UserId,
 };
+use serenity::http::{LightMethod, Request as HttpRequest, Route};
 
+use super::rest::{Rest, RestError};
 use super::slash::{self, slash_requests};
-use super::surface::{Target, discord_reply};
+use super::surface::{Replies, Target};
 use super::trigger::{Facts, classify, strip_mention};
 use crate::chat::{Author, ConversationKey, Incoming, Platform, Request};
 use crate::config::DiscordSettings;
-use crate::core::Assistant;
+use crate::core::{Assistant, PendingQuestion, ReplySink, ResumeSinks};
 
 /// Serenity's event handler: turns events into calls on the core.
 pub(super) struct Handler {
@@ -25,6 +28,8 @@ pub(super) struct Handler {
     /// handlers concurrently, so a message in the same burst as READY may be handled first.
     bot_id: UserId,
     bot_threads: Mutex<HashSet<ChannelId>>,
+    /// Every request to Discord after connecting goes this way: one limit, retries.
+    replies: Replies,
 }
 
 impl Handler {
@@ -33,13 +38,19 @@ impl Handler {
         assistant: Arc<Assistant>,
         settings: DiscordSettings,
         bot_id: UserId,
+        rest: Arc<Rest>,
     ) -> Self {
         Self {
             assistant,
             settings,
             bot_id,
             bot_threads: Mutex::new(HashSet::new()),
+            replies: Replies::new(rest),
         }
+    }
+
+    fn rest(&self) -> &Rest {
+        &self.replies.rest
     }
 
     fn bot_id(&self) -> u64 {
@@ -125,8 +136,7 @@ impl Handler {
             is_private: msg.guild_id.is_none(),
             remember: true,
         };
-        let sink = discord_reply(
-            ctx.http.clone(),
+        let sink = self.replies.reply(
             Target::Channel {
                 channel: msg.channel_id,
                 reply_to: Some(msg.id),
@@ -135,6 +145,48 @@ impl Handler {
             0,
         );
         self.assistant.handle(incoming, &sink).await;
+    }
+
+    /// Acknowledges the interaction, its answer to follow by editing the response.
+    async fn defer(&self, cmd: &CommandInteraction, ephemeral: bool) -> Result<(), RestError> {
+        let mut message = CreateInteractionResponseMessage::new();
+        if ephemeral {
+            message = message.ephemeral(true);
+        }
+        let response = CreateInteractionResponse::Defer(message);
+        let body = serde_json::to_vec(&response)
+            .map_err(|e| RestError::Invalid(format!("deferral: {e}")))?;
+        let req = HttpRequest::new(
+            Route::InteractionResponse {
+                interaction_id: cmd.id,
+                token: &cmd.token,
+            },
+            LightMethod::Post,
+        )
+        .body(Some(body));
+        self.rest().empty("defer interaction", req).await
+    }
+
+    /// Replaces the slash commands, globally or in one guild.
+    async fn register(
+        &self,
+        app: ApplicationId,
+        guild: Option<GuildId>,
+        commands: &[CreateCommand],
+    ) -> Result<(), RestError> {
+        let body = serde_json::to_vec(commands)
+            .map_err(|e| RestError::Invalid(format!("slash commands: {e}")))?;
+        let route = match guild {
+            Some(guild_id) => Route::GuildCommands {
+                application_id: app,
+                guild_id,
+            },
+            None => Route::Commands {
+                application_id: app,
+            },
+        };
+        let req = HttpRequest::new(route, LightMethod::Put).body(Some(body));
+        self.rest().empty("register commands", req).await
     }
 
     async fn on_command(&self, ctx: Context, cmd: CommandInteraction) {
@@ -155,13 +207,9 @@ impl Handler {
         };
         // Discord wants an answer within 3 s: defer at once, then edit the response.
         let ephemeral = private || cmd.data.name != "ask";
-        let deferred = if ephemeral {
-            cmd.defer_ephemeral(&ctx.http).await
-        } else {
-            cmd.defer(&ctx.http).await
-        };
+        let deferred = self.defer(&cmd, ephemeral).await;
         if let Err(e) = deferred {
-            tracing::error!(error = %e, "cannot acknowledge the interaction");
+            tracing::error!(interaction = %cmd.id, channel = %cmd.channel_id, error = %e, "cannot acknowledge the interaction");
             return;
         }
         let name = cmd
@@ -190,8 +238,7 @@ impl Handler {
                 remember: !private,
             };
             // Later parts of one /settings call answer in follow-ups below the first.
-            let sink = discord_reply(
-                ctx.http.clone(),
+            let sink = self.replies.reply(
                 Target::Interaction {
                     interaction: Box::new(cmd.clone()),
                     ephemeral,
@@ -206,24 +253,21 @@ impl Handler {
 
 #[serenity::async_trait]
 impl EventHandler for Handler {
-    async fn ready(&self, ctx: Context, ready: Ready) {
+    async fn ready(&self, _ctx: Context, ready: Ready) {
         if ready.user.id != self.bot_id {
             tracing::warn!(ready = %ready.user.id, token = %self.bot_id, "the gateway names another bot user than the token check did");
         }
-        tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "connected to Discord");
+        tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), shard = ?ready.shard, "connected to Discord");
         let commands = slash::commands();
+        let app = ready.application.id;
         let result = if self.settings.command_guilds.is_empty() {
-            serenity::all::Command::set_global_commands(&ctx.http, commands)
-                .await
-                .map(|_| ())
+            self.register(app, None, &commands).await
         } else {
             let mut result = Ok(());
             for g in &self.settings.command_guilds {
                 match g.parse::<u64>() {
                     Ok(id) if id != 0 => {
-                        if let Err(e) = GuildId::new(id)
-                            .set_commands(&ctx.http, commands.clone())
-                            .await
+                        if let Err(e) = self.register(app, Some(GuildId::new(id)), &commands).await
                         {
                             result = Err(e);
                         }
@@ -236,6 +280,12 @@ impl EventHandler for Handler {
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot register slash commands");
         }
+        // Questions the last run accepted but never answered; the core takes them up once.
+        let replies = Arc::new(ResumedReplies {
+            replies: self.replies.clone(),
+            interval: self.interval(),
+        });
+        tokio::spawn(self.assistant.clone().resume(Platform::Discord, replies));
     }
 
     async fn message(&self, ctx: Context, msg: Message) {
@@ -293,5 +343,43 @@ impl EventHandler for Handler {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(thread.id);
         }
+    }
+}
+
+/// Replies to stored questions after a restart: in the question's thread or channel, as a reply
+/// to its message. A slash command's interaction has expired by then, so its answer is posted
+/// in the channel without a reference.
+struct ResumedReplies {
+    replies: Replies,
+    interval: Duration,
+}
+
+#[async_trait::async_trait]
+impl ResumeSinks for ResumedReplies {
+    async fn sink_for(&self, question: &PendingQuestion) -> Option<Box<dyn ReplySink>> {
+        let key = &question.key;
+        let place = if key.thread.is_empty() {
+            &key.channel
+        } else {
+            &key.thread
+        };
+        let channel = match place.parse::<u64>() {
+            Ok(id) if id != 0 => ChannelId::new(id),
+            _ => {
+                tracing::warn!(conversation = %key, "a stored Discord conversation without a channel id");
+                return None;
+            }
+        };
+        let reply_to = question
+            .message_id
+            .as_deref()
+            .and_then(|id| id.parse::<u64>().ok())
+            .filter(|&id| id != 0)
+            .map(MessageId::new);
+        Some(Box::new(self.replies.reply(
+            Target::Channel { channel, reply_to },
+            self.interval,
+            0,
+        )))
     }
 }

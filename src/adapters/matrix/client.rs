@@ -7,16 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use matrix_sdk::Client;
+use matrix_sdk::RoomState;
 use matrix_sdk::config::SyncSettings;
-use matrix_sdk::ruma::OwnedUserId;
+use matrix_sdk::ruma::events::relation::Thread;
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
 use tokio::sync::watch;
 
+use super::PLATFORM;
 use super::error::{MatrixError, store_error, unreachable};
 use super::shared::Shared;
+use super::surface::{MatrixSurface, Question};
 use super::{handlers, login};
+use crate::adapters::stream::StreamedReply;
 use crate::adapters::until_stopped;
 use crate::config::MatrixSettings;
-use crate::core::Assistant;
+use crate::core::{Assistant, PendingQuestion, ReplySink, ResumeSinks};
 
 pub struct MatrixClient {
     client: Client,
@@ -46,6 +51,12 @@ impl MatrixClient {
                 other => store_error(Path::new(&settings.store_path), &other),
             })?;
         handlers::watch_rooms(&client, &shared);
+        // Questions the last run accepted but never answered; the core takes them up once.
+        let replies = Arc::new(ResumedReplies {
+            client: client.clone(),
+            shared: shared.clone(),
+        });
+        tokio::spawn(shared.assistant.clone().resume(PLATFORM, replies));
         tracing::info!(user = %shared.user_id, name = %shared.display_name, rooms = client.joined_rooms().len(), "connected to Matrix");
         Ok(Self {
             client,
@@ -106,4 +117,45 @@ async fn identity(
         _ => user_id.localpart().to_string(),
     };
     Ok((user_id, display_name))
+}
+
+/// Replies to stored questions after a restart: in the question's room (and thread), as a reply
+/// to its event, while the bot is still in the room.
+struct ResumedReplies {
+    client: Client,
+    shared: Arc<Shared>,
+}
+
+#[async_trait::async_trait]
+impl ResumeSinks for ResumedReplies {
+    async fn sink_for(&self, question: &PendingQuestion) -> Option<Box<dyn ReplySink>> {
+        let key = &question.key;
+        let room_id = OwnedRoomId::try_from(key.channel.as_str()).ok()?;
+        let event_id = OwnedEventId::try_from(question.message_id.as_deref()?).ok()?;
+        let sender = OwnedUserId::try_from(question.author_id.as_deref()?).ok()?;
+        let room = self.client.get_room(&room_id)?;
+        if room.state() != RoomState::Joined {
+            tracing::info!(room = %room_id, "no longer in the room of a stored question");
+            return None;
+        }
+        let thread = match key.thread.as_str() {
+            "" => None,
+            root => Some(Thread::plain(
+                OwnedEventId::try_from(root).ok()?,
+                event_id.clone(),
+            )),
+        };
+        Some(Box::new(StreamedReply::new(
+            MatrixSurface {
+                room,
+                question: Question {
+                    event_id,
+                    sender,
+                    thread,
+                },
+                shared: self.shared.clone(),
+            },
+            self.shared.interval(),
+        )))
+    }
 }

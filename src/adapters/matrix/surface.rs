@@ -15,7 +15,7 @@ use matrix_sdk::ruma::events::room::message::{
 use matrix_sdk::ruma::{OwnedEventId, OwnedUserId};
 
 use super::shared::Shared;
-use crate::adapters::stream::Surface;
+use crate::adapters::stream::{Render, Surface};
 
 /// Characters per event: a streamed edit carries the text four times (body, HTML, and both again
 /// in `m.new_content`) and an event may not exceed 64 KiB.
@@ -88,12 +88,18 @@ impl Surface for MatrixSurface {
         Ok(id)
     }
 
-    async fn edit(&self, _index: usize, id: &OwnedEventId, part: &str) -> matrix_sdk::Result<()> {
+    async fn edit(
+        &self,
+        _index: usize,
+        id: &OwnedEventId,
+        part: &str,
+        _render: Render,
+    ) -> matrix_sdk::Result<bool> {
         // The edited event mentioned nobody either: the edit adds no one.
         let content = notice(part)
             .make_replacement(ReplacementMetadata::new(id.clone(), Some(Mentions::new())));
         self.room.send(content).await?;
-        Ok(())
+        Ok(true)
     }
 
     /// A notice lasts 4 s; matrix-sdk resends it at most every 3 s.
