@@ -1,0 +1,141 @@
+//! Questions left unanswered by a run that stopped: taken up once, with their restart notices.
+
+use super::*;
+
+/// Questions a run left unanswered are taken up by the next: once, only those of its
+/// platform and window, with their notices claimed once.
+#[tokio::test]
+async fn unanswered_questions_are_found_and_taken_up_once() {
+    for db in databases().await {
+        let key = ConversationKey::new(Platform::Matrix, "", "!room:example.org", "");
+        let (q1, q2, q3) = {
+            // The run that stopped with questions left.
+            let store = db.open().await;
+            let conv = store.conversation(&key).await.unwrap();
+            let other = store
+                .conversation(&ConversationKey::new(Platform::Discord, "g", "c", ""))
+                .await
+                .unwrap();
+            let new = |a: Appended| match a {
+                Appended::New(id) => id,
+                Appended::Duplicate(_) => panic!("new"),
+            };
+            let q1 = new(store
+                .append_user(&conv, &user("one", Some("$1")))
+                .await
+                .unwrap());
+            let q2 = new(store
+                .append_user(&conv, &user("two", Some("$2")))
+                .await
+                .unwrap());
+            let q3 = new(store
+                .append_user(&conv, &user("three", Some("$3")))
+                .await
+                .unwrap());
+            store
+                .append_user(&other, &user("elsewhere", Some("d1")))
+                .await
+                .unwrap();
+            store
+                .append_assistant(&conv, Some(q2), "answered", Status::Complete, None)
+                .await
+                .unwrap();
+            let until = now_ms() + 1;
+            assert!(
+                store
+                    .take_unanswered(Platform::Matrix, 0, until)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "a run's own questions are its own to answer"
+            );
+            store.close().await;
+            (q1, q2, q3)
+        };
+        let store = db.open().await;
+        let conv = store.conversation(&key).await.unwrap();
+        let until = now_ms() + 1;
+        assert!(
+            store
+                .take_unanswered(Platform::Matrix, until, until + 1000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the window bounds by acceptance time"
+        );
+        let found = store
+            .take_unanswered(Platform::Matrix, 0, until)
+            .await
+            .unwrap();
+        let ids: Vec<i64> = found.iter().map(|u| u.question.id).collect();
+        assert_eq!(
+            ids,
+            vec![q1, q3],
+            "answered and other platforms' questions are not pending"
+        );
+        assert_eq!(found[0].key, key);
+        assert_eq!(found[0].private, conv.private);
+        assert_eq!(found[0].question.platform_message_id.as_deref(), Some("$1"));
+        assert!(
+            store
+                .take_unanswered(Platform::Matrix, 0, until)
+                .await
+                .unwrap()
+                .is_empty(),
+            "taken over once"
+        );
+        // A resumed reply is stored once; a second one for the same question is refused.
+        let first = store
+            .append_only_reply(conv.id, q1, "late answer", Status::Complete)
+            .await
+            .unwrap();
+        assert!(first.is_some());
+        assert_eq!(
+            store
+                .append_only_reply(conv.id, q1, "again", Status::Complete)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .append_only_reply(conv.id, q2, "again", Status::Complete)
+                .await
+                .unwrap(),
+            None,
+            "a question answered live is not answered again"
+        );
+
+        // A notice is claimed once, never for an answered question, and marked sent.
+        assert!(!store.claim_restart_notice(q1).await.unwrap());
+        assert!(store.claim_restart_notice(q3).await.unwrap());
+        assert!(!store.claim_restart_notice(q3).await.unwrap());
+        assert_eq!(
+            store.restart_notice(q3).await.unwrap(),
+            Some(NoticeStatus::Claimed)
+        );
+        store.mark_restart_notice_sent(q3).await.unwrap();
+        assert_eq!(
+            store.restart_notice(q3).await.unwrap(),
+            Some(NoticeStatus::Sent)
+        );
+        assert!(
+            store
+                .take_unanswered(Platform::Matrix, 0, until)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // The notice is not a message: the prompt's history and export do not see it.
+        assert_eq!(store.since_reset(&conv).await.unwrap().len(), 5);
+        let exchanges = store.exchanges(&conv).await.unwrap();
+        assert_eq!(exchanges[2].answer, None);
+
+        // Deleting the question on the platform takes its notice with it.
+        store
+            .delete_by_platform_id(Platform::Matrix, "$3")
+            .await
+            .unwrap();
+        assert_eq!(store.restart_notice(q3).await.unwrap(), None);
+    }
+}
