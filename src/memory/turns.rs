@@ -43,6 +43,8 @@ pub(super) struct TurnLocks {
     /// This run's id, the second half of its alive lock.
     run_key: i32,
     session: tokio::sync::Mutex<Option<PgConnection>>,
+    /// Whether the open session holds this run's alive lock.
+    run_lock: std::sync::atomic::AtomicBool,
     /// Advisory locks are re-entrant within a session; this keeps two tasks of this daemon from
     /// both being granted the same conversation.
     held: Mutex<HashSet<i64>>,
@@ -60,6 +62,7 @@ impl TurnLocks {
             options: options.application_name("synthia-bot turns"),
             run_key,
             session: tokio::sync::Mutex::new(None),
+            run_lock: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(HashSet::new()),
         }
     }
@@ -93,19 +96,35 @@ impl TurnLocks {
         }
     }
 
-    /// The open session, connected (and this run's alive lock taken) when there was none.
+    /// The open session, connected when there was none, holding this run's alive lock. Taking
+    /// it never waits: a lost session of ours the server has not noticed yet may still hold it
+    /// (the run is alive either way), and it is tried again on every use until this one has it.
     async fn session<'s>(
         &self,
         session: &'s mut Option<PgConnection>,
     ) -> Result<&'s mut PgConnection> {
+        use std::sync::atomic::Ordering;
         if session.is_none() {
-            let mut conn = PgConnection::connect_with(&self.options).await?;
-            sqlx::query("SELECT pg_advisory_lock($1, $2)")
+            *session = Some(PgConnection::connect_with(&self.options).await?);
+            self.run_lock.store(false, Ordering::Release);
+        }
+        if !self.run_lock.load(Ordering::Acquire)
+            && let Some(conn) = session.as_mut()
+        {
+            let taken = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, $2)")
                 .bind(RUN_SPACE)
                 .bind(self.run_key)
-                .execute(&mut conn)
-                .await?;
-            *session = Some(conn);
+                .fetch_one(&mut *conn)
+                .await;
+            match taken {
+                Ok(taken) => self.run_lock.store(taken, Ordering::Release),
+                Err(e) => {
+                    // The session is gone, and with it every lock it held: start afresh.
+                    *session = None;
+                    self.held().clear();
+                    return Err(e.into());
+                }
+            }
         }
         match session.as_mut() {
             Some(conn) => Ok(conn),
