@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// The ids of the Matrix questions accepted in `[since, until)` that `store` takes over.
+async fn taken(store: &Store, since: i64, until: i64) -> Vec<i64> {
+    store
+        .take_unanswered(Platform::Matrix, since, until)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.question.id)
+        .collect()
+}
+
 /// Questions a run left unanswered are taken up by the next: once, only those of its
 /// platform and window, with their notices claimed once.
 #[tokio::test]
@@ -41,12 +52,9 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
                 .await
                 .unwrap();
             let until = now_ms() + 1;
-            assert!(
-                store
-                    .take_unanswered(Platform::Matrix, 0, until)
-                    .await
-                    .unwrap()
-                    .is_empty(),
+            assert_eq!(
+                taken(&store, 0, until).await,
+                Vec::<i64>::new(),
                 "a run's own questions are its own to answer"
             );
             store.close().await;
@@ -55,12 +63,9 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
         let store = db.open().await;
         let conv = store.conversation(&key).await.unwrap();
         let until = now_ms() + 1;
-        assert!(
-            store
-                .take_unanswered(Platform::Matrix, until, until + 1000)
-                .await
-                .unwrap()
-                .is_empty(),
+        assert_eq!(
+            taken(&store, until, until + 1000).await,
+            Vec::<i64>::new(),
             "the window bounds by acceptance time"
         );
         let found = store
@@ -76,12 +81,9 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
         assert_eq!(found[0].key, key);
         assert_eq!(found[0].private, conv.private);
         assert_eq!(found[0].question.platform_message_id.as_deref(), Some("$1"));
-        assert!(
-            store
-                .take_unanswered(Platform::Matrix, 0, until)
-                .await
-                .unwrap()
-                .is_empty(),
+        assert_eq!(
+            taken(&store, 0, until).await,
+            Vec::<i64>::new(),
             "taken over once"
         );
         // A resumed reply is stored once; a second one for the same question is refused.
@@ -119,13 +121,7 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
             store.restart_notice(q3).await.unwrap(),
             Some(NoticeStatus::Sent)
         );
-        assert!(
-            store
-                .take_unanswered(Platform::Matrix, 0, until)
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert_eq!(taken(&store, 0, until).await, Vec::<i64>::new());
         // The notice is not a message: the prompt's history and export do not see it.
         assert_eq!(store.since_reset(&conv).await.unwrap().len(), 5);
         let exchanges = store.exchanges(&conv).await.unwrap();
