@@ -24,7 +24,12 @@ const DISCORD_TOKEN: &str = "discord-crash-token";
 
 /// `serve` with the tiny model and a database in `dir`, Discord on the fake.
 fn serve(dir: &Path, fake: &FakeDiscord) -> tokio::process::Command {
-    let mut c = common::daemon::serve_command(dir, "24", "10");
+    serve_writing(dir, fake, "24")
+}
+
+/// The same, with replies of up to `max_new` tokens.
+fn serve_writing(dir: &Path, fake: &FakeDiscord, max_new: &str) -> tokio::process::Command {
+    let mut c = common::daemon::serve_command(dir, max_new, "10");
     c.env("SYNTHIA_BOT__LIMITS__USER_PER_MINUTE", "0")
         .env("SYNTHIA_BOT__LIMITS__CONVERSATION_PER_MINUTE", "0")
         .env("SYNTHIA_BOT__DISCORD__ENABLED", "true")
@@ -298,6 +303,135 @@ async fn questions_left_unanswered_are_taken_up_once_after_a_restart() {
         "nothing stored after the second restart"
     );
     assert_eq!(notice_status(&pool, "7002").await.as_deref(), Some("sent"));
+}
+
+/// Where the store says the answer to the question with this platform id is shown: `None`
+/// once shown whole (or never recorded).
+async fn shown_in(pool: &sqlx::SqlitePool, platform_id: &str) -> Option<String> {
+    sqlx::query_scalar::<_, Option<String>>(
+        "SELECT shown_in FROM messages WHERE platform_message_id = ?",
+    )
+    .bind(platform_id)
+    .fetch_optional(pool)
+    .await
+    .expect("the messages' table")
+    .flatten()
+}
+
+/// A mention of the bot in the test channel.
+fn ask(fake: &FakeDiscord, id: u64, text: &str) {
+    let bot = fake_discord::BOT_ID;
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        fake_discord::message(
+            id,
+            CHANNEL,
+            Some(GUILD),
+            (5001, "alice"),
+            &format!("<@{bot}> {text}"),
+            &[bot],
+            None,
+        ),
+    );
+}
+
+/// Killed while an answer was half shown, or stored but not yet shown whole: after the restart
+/// each finishes in the message the killed run posted, showing the stored text, with no second
+/// message and no second answer. Before answers recorded where they are shown, the first was
+/// answered again in a new message under the half-written one, and the second stayed half
+/// shown for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_cut_off_by_a_kill_finish_in_their_own_message_after_the_restart() {
+    use fake_discord::EditFailure;
+    let fake = FakeDiscord::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = discord_key();
+    let store = open_store(dir.path()).await;
+    let pool = raw(dir.path()).await;
+    let bot_messages_to = |id: &str| -> Vec<Shown> {
+        discord_shown(&fake)
+            .into_iter()
+            .filter(|s| s.replies_to.as_deref() == Some(id))
+            .collect()
+    };
+
+    // 1. Half shown: the first part is posted, then an edit hangs, holding the reply before it
+    // is stored; the process dies there.
+    let mut daemon = Daemon::spawn(serve_writing(dir.path(), &fake, "200"));
+    fake.wait_ready().await;
+    fake.fail_edits_with(vec![EditFailure::Hang { seconds: 30.0 }; 4]);
+    ask(&fake, 8001, "tell me about stars");
+    let recorded = eventually("the first part's message recorded", WAIT, || async {
+        shown_in(&pool, "8001").await.filter(|s| !s.is_empty())
+    })
+    .await;
+    daemon.sigkill().await;
+    assert!(
+        replies_to(&store, &key, "8001").await.is_empty(),
+        "killed before the reply was stored"
+    );
+    let first_post = bot_messages_to("8001");
+    assert_eq!(first_post.len(), 1, "{first_post:?}");
+    fake.clear_edit_failures();
+    let daemon = Daemon::spawn(serve_writing(dir.path(), &fake, "200"));
+    fake.wait_ready().await;
+    let answer = eventually("the answer after the restart", WAIT, || async {
+        let r = replies_to(&store, &key, "8001").await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(answer.len(), 1, "{answer:?}");
+    eventually("the answer shown whole", WAIT, || async {
+        shown_in(&pool, "8001").await.is_none().then_some(())
+    })
+    .await;
+    let shown = bot_messages_to("8001");
+    assert_eq!(
+        shown.len(),
+        1,
+        "one message, edited over (recorded {recorded:?}): {shown:?}\n{}",
+        daemon.log()
+    );
+    assert_eq!(shown[0].final_text(), answer[0].1, "{shown:?}");
+
+    // 2. Stored but not shown whole: every edit is refused for a minute, so the final text
+    // waits; the process dies once the reply is stored.
+    fake.fail_edits_with(vec![EditFailure::RateLimited { retry_after: 60.0 }; 64]);
+    let mut daemon = daemon;
+    ask(&fake, 8002, "and about planets?");
+    let stored = eventually("the second reply stored", WAIT, || async {
+        let r = replies_to(&store, &key, "8002").await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    daemon.sigkill().await;
+    let before = bot_messages_to("8002");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_ne!(
+        before[0].final_text(),
+        stored[0].1,
+        "the kill came before the final text showed"
+    );
+    assert!(shown_in(&pool, "8002").await.is_some());
+    fake.clear_edit_failures();
+    let daemon = Daemon::spawn(serve_writing(dir.path(), &fake, "200"));
+    fake.wait_ready().await;
+    eventually("the stored reply shown whole", WAIT, || async {
+        shown_in(&pool, "8002").await.is_none().then_some(())
+    })
+    .await;
+    let log = daemon.stop().await;
+    let shown = bot_messages_to("8002");
+    assert_eq!(shown.len(), 1, "no second message: {shown:?}\n{log}");
+    assert_eq!(shown[0].final_text(), stored[0].1, "{shown:?}\n{log}");
+    assert_eq!(
+        replies_to(&store, &key, "8002").await,
+        stored,
+        "not answered again"
+    );
+    assert_eq!(bot_messages_to("8001").len(), 1);
+    pool.close().await;
+    store.close().await;
 }
 
 /// What one accepted question ended with, in the store and on its platform.
@@ -603,6 +737,8 @@ async fn crash_loop_loses_nothing_and_answers_nothing_twice() {
         started.elapsed().as_secs_f64()
     );
     assert!(tally.unanswered.is_empty(), "{tally:?}");
+    // A stored reply cut off by a kill is shown whole by the next run, in its own message.
+    assert_eq!(tally.stored_but_shown_in_part, 0, "{tally:?}");
     assert!(
         tally.questions > kills,
         "questions kept arriving: {tally:?}"

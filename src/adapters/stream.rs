@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::split::split_message;
+use crate::chat;
 use crate::core::{ReplySink, text};
 
 /// What an edit is for. A platform short of requests may skip progress (a later edit shows the
@@ -40,6 +41,11 @@ pub trait Surface: Send + Sync {
         part: &str,
         render: Render,
     ) -> Result<bool, Self::Error>;
+    /// Message `id` as a later process can find it again to edit it; `None` where it cannot
+    /// (the message is reachable only through something short-lived).
+    fn lasting_id(&self, _id: &Self::Id) -> Option<String> {
+        None
+    }
     /// How often the typing indicator must be renewed; `None` where there is none.
     fn typing_interval(&self) -> Option<Duration>;
     async fn set_typing(&self, on: bool);
@@ -137,6 +143,22 @@ impl<S: Surface + 'static> StreamedReply<S> {
                 flush_scheduled: false,
             })),
         }
+    }
+
+    /// A reply continuing in messages an earlier process posted (it died writing them): the
+    /// first `notices` hold notes before the answer, the rest its parts; each is edited to show
+    /// what this reply shows.
+    pub fn showing(surface: S, interval: Duration, notices: usize, ids: Vec<S::Id>) -> Self {
+        let reply = Self::new(surface, interval);
+        {
+            let mut shown = reply
+                .shown
+                .try_lock()
+                .expect("a new reply's state is not shared yet");
+            shown.base = notices.min(ids.len());
+            shown.messages = ids.into_iter().map(|id| (id, String::new())).collect();
+        }
+        reply
     }
 
     /// Stops the typing indicator (the reply is over, or was never started).
@@ -258,11 +280,7 @@ impl<S: Surface + 'static> StreamedReply<S> {
                 .collect();
             (text.join(""), shown.placeholder)
         };
-        let text = if current.is_empty() || placeholder {
-            message.to_string()
-        } else {
-            format!("{current}\n\n⚠️ {message}")
-        };
+        let text = text::failed_after(if placeholder { "" } else { &current }, message);
         self.show_final(&text).await;
     }
 
@@ -336,6 +354,19 @@ impl<S: Surface + 'static> ReplySink for StreamedReply<S> {
 
     async fn notice(&self, text: &str) {
         self.show_notice(text).await;
+    }
+
+    async fn shown(&self) -> Option<chat::Shown> {
+        let shown = self.shown.lock().await;
+        let ids = shown
+            .messages
+            .iter()
+            .map(|(id, _)| self.surface.lasting_id(id))
+            .collect::<Option<Vec<String>>>()?;
+        Some(chat::Shown {
+            notices: shown.base,
+            ids,
+        })
     }
 }
 

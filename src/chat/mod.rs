@@ -6,10 +6,12 @@ pub mod command;
 pub mod key;
 pub mod message;
 pub mod platform;
+pub mod shown;
 pub mod trigger;
 
 pub use command::{Command, CommandError, Setting};
 pub use key::{ConversationKey, KeyError};
 pub use message::{Author, Incoming, Request, Role, without_nul};
 pub use platform::{Platform, UnknownPlatform};
+pub use shown::Shown;
 pub use trigger::Trigger;

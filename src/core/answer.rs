@@ -4,7 +4,7 @@
 use super::{
     Answering, Assistant, CoreConfig, CoreError, Outcome, ReplyReport, ReplySink, retry, text,
 };
-use crate::chat::{ConversationKey, Incoming, Role, without_nul};
+use crate::chat::{ConversationKey, Incoming, Role, Shown, without_nul};
 use crate::inference::{
     FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError,
 };
@@ -20,6 +20,49 @@ pub(super) struct Asked<'a> {
     pub(super) arrived: std::time::Instant,
     /// Taken up after a restart rather than just received.
     pub(super) resumed: bool,
+    /// Notes shown before an answer the last run began (a question cut to fit): not shown again.
+    pub(super) notices_shown: usize,
+}
+
+/// Keeps the question's row saying where its answer is shown, written only when the reply's
+/// messages change (a post, not an edit), so a restart can finish it in the same place.
+struct ShownRecorder {
+    question_id: Option<i64>,
+    last: Option<Shown>,
+}
+
+impl ShownRecorder {
+    /// After the sink may have posted: records a change.
+    async fn check(&mut self, store: &crate::memory::Store, sink: &dyn ReplySink) {
+        self.record(store, sink, false).await;
+    }
+
+    /// Just before the reply is stored: records even that nothing is posted yet, so a restart
+    /// that finds the reply stored shows it.
+    async fn before_storing(&mut self, store: &crate::memory::Store, sink: &dyn ReplySink) {
+        self.record(store, sink, true).await;
+    }
+
+    async fn record(
+        &mut self,
+        store: &crate::memory::Store,
+        sink: &dyn ReplySink,
+        even_empty: bool,
+    ) {
+        let Some(question_id) = self.question_id else {
+            return;
+        };
+        let Some(shown) = sink.shown().await else {
+            return;
+        };
+        if (shown.ids.is_empty() && !even_empty) || self.last.as_ref() == Some(&shown) {
+            return;
+        }
+        if let Err(e) = store.set_shown(question_id, &shown).await {
+            tracing::warn!(error = %e, "cannot record where the answer is shown; a restart would post it anew");
+        }
+        self.last = Some(shown);
+    }
 }
 
 impl Assistant {
@@ -109,6 +152,7 @@ impl Assistant {
                         question_id,
                         arrived,
                         resumed: false,
+                        notices_shown: 0,
                     },
                     config,
                     sink,
@@ -148,6 +192,7 @@ impl Assistant {
             question_id,
             arrived,
             resumed,
+            notices_shown,
         } = asked;
         if self.closing.load(std::sync::atomic::Ordering::Acquire) {
             return Err(WorkerError::Stopped.into());
@@ -176,8 +221,15 @@ impl Assistant {
             .prompter()
             .prepare(&self.store, &conv, question_id, extra, msg.remember)
             .await?;
-        if let Some(cut) = prepared.built.cut_chars {
+        let mut recorder = ShownRecorder {
+            question_id: question_id.filter(|_| msg.remember),
+            last: None,
+        };
+        if let Some(cut) = prepared.built.cut_chars
+            && notices_shown == 0
+        {
             sink.notice(&text::cut(cut)).await;
+            recorder.check(&self.store, sink).await;
         }
         tracing::debug!(
             prompt_tokens = prepared.built.token_count(),
@@ -207,12 +259,16 @@ impl Assistant {
         let mut first_token = None;
         while let Some(event) = handle.next().await {
             match event {
-                GenerationEvent::Queued { position } => sink.queued(position).await,
+                GenerationEvent::Queued { position } => {
+                    sink.queued(position).await;
+                    recorder.check(&self.store, sink).await;
+                }
                 GenerationEvent::Started { .. } => {}
                 GenerationEvent::Delta(d) => {
                     first_token.get_or_insert_with(|| arrived.elapsed());
                     text_so_far.push_str(&without_nul(&d));
                     sink.update(&text_so_far).await;
+                    recorder.check(&self.store, sink).await;
                 }
                 GenerationEvent::Finished(r) => {
                     result = Some(r);
@@ -258,6 +314,7 @@ impl Assistant {
             completion_tokens = result.completion_tokens,
             "reply generated"
         );
+        recorder.before_storing(&self.store, sink).await;
         // Not stored when the question was deleted while the reply was written.
         let reply_id = match question_id {
             Some(q) if msg.remember && resumed => {
@@ -288,11 +345,13 @@ impl Assistant {
                 );
                 sink.fail(text::FAILED).await;
             }
-            FinishReason::Cancelled => {
-                sink.finish(&format!("{}{}", result.text, text::CANCELLED_SUFFIX))
-                    .await;
-            }
+            FinishReason::Cancelled => sink.finish(&text::cancelled(&result.text)).await,
             _ => sink.finish(&result.text).await,
+        }
+        if let Some(q) = recorder.question_id
+            && let Err(e) = self.store.mark_shown(q).await
+        {
+            tracing::warn!(error = %e, "the answer was shown but cannot be marked so; a restart shows it again");
         }
         Ok(Outcome::Answered {
             finish: result.finish,

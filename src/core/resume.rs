@@ -1,6 +1,7 @@
 //! Taking up, after a restart, the questions the bot had accepted (stored) but not answered when
 //! the process stopped: recent ones are answered in order per conversation, older ones get one
-//! notice to ask again, ancient ones are left alone. Each platform's adapter calls
+//! notice to ask again, ancient ones are left alone. Replies stored but not yet shown whole are
+//! shown, and answers begun in messages the last run posted continue in those messages. Each platform's adapter calls
 //! [`Assistant::resume`] once it is connected, with a way to build a reply's sink for a stored
 //! question.
 
@@ -11,8 +12,8 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::{Answering, Assistant, Outcome, ReplySink, text};
-use crate::chat::{Author, ConversationKey, Incoming, Platform, Request};
-use crate::memory::{Unanswered, now_ms};
+use crate::chat::{Author, ConversationKey, Incoming, Platform, Request, Shown};
+use crate::memory::{Status, Unanswered, Unshown, now_ms};
 
 /// A stored question as an adapter needs it to reply on its platform.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +23,8 @@ pub struct PendingQuestion {
     pub message_id: Option<String>,
     /// The platform's id of who asked.
     pub author_id: Option<String>,
+    /// Messages the last run posted for the answer, to be edited rather than posted again.
+    pub shown: Option<Shown>,
 }
 
 /// How an adapter replies to a question it did not just receive: the platform knows how a
@@ -73,14 +76,31 @@ impl ResumeState {
 pub struct Resumed {
     pub answered: usize,
     pub noticed: usize,
+    /// Stored replies whose final text the last run did not get to show.
+    pub shown: usize,
     /// Not taken up: unreachable, stopped, or failed (each logged).
     pub skipped: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Take {
     Answer,
     Notice,
+    /// Show a stored reply's final text.
+    Show {
+        reply: String,
+        status: Status,
+    },
+}
+
+impl Take {
+    fn kind(&self) -> &'static str {
+        match self {
+            Take::Answer => "answer",
+            Take::Notice => "notice",
+            Take::Show { .. } => "show",
+        }
+    }
 }
 
 impl Assistant {
@@ -100,6 +120,20 @@ impl Assistant {
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let answer_since = started.saturating_sub(ms(windows.answer));
         let notice_since = started.saturating_sub(ms(windows.notice));
+        // Replies stored but maybe not shown whole come first: their questions precede any
+        // unanswered one in the same conversation.
+        let unshown = match self
+            .store
+            .take_unshown(platform, notice_since, started)
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(platform = %platform, error = %e, "cannot look for replies left half shown");
+                self.observer().error(platform, "storage");
+                Vec::new()
+            }
+        };
         let found = match self
             .store
             .take_unanswered(platform, notice_since, started)
@@ -109,14 +143,26 @@ impl Assistant {
             Err(e) => {
                 tracing::error!(platform = %platform, error = %e, "cannot look for questions left unanswered");
                 self.observer().error(platform, "storage");
-                return Resumed::default();
+                Vec::new()
             }
         };
-        if found.is_empty() {
+        if found.is_empty() && unshown.is_empty() {
             return Resumed::default();
         }
         let mut by_conversation: BTreeMap<ConversationKey, Vec<(Unanswered, Take)>> =
             BTreeMap::new();
+        for Unshown {
+            pending,
+            reply,
+            status,
+            ..
+        } in unshown
+        {
+            by_conversation
+                .entry(pending.key.clone())
+                .or_default()
+                .push((pending, Take::Show { reply, status }));
+        }
         for q in found {
             let take = if q.question.created_at >= answer_since {
                 Take::Answer
@@ -127,6 +173,9 @@ impl Assistant {
                 .entry(q.key.clone())
                 .or_default()
                 .push((q, take));
+        }
+        for questions in by_conversation.values_mut() {
+            questions.sort_by_key(|(q, _)| q.question.id);
         }
         tracing::info!(
             platform = %platform,
@@ -148,6 +197,7 @@ impl Assistant {
                 Ok(r) => {
                     total.answered += r.answered;
                     total.noticed += r.noticed;
+                    total.shown += r.shown;
                     total.skipped += r.skipped;
                 }
                 Err(e) => tracing::error!(error = %e, "a resumed conversation's task failed"),
@@ -157,6 +207,7 @@ impl Assistant {
             platform = %platform,
             answered = total.answered,
             noticed = total.noticed,
+            shown = total.shown,
             skipped = total.skipped,
             "questions left unanswered taken up"
         );
@@ -191,12 +242,13 @@ impl Assistant {
             let span = tracing::info_span!(
                 "resumed_question",
                 message_id = message_id.as_deref().unwrap_or("-"),
-                take = ?take,
+                take = take.kind(),
             );
             let taken = self.resume_one(q, take, sinks).instrument(span).await;
             match taken {
                 Some(Take::Answer) => done.answered += 1,
                 Some(Take::Notice) => done.noticed += 1,
+                Some(Take::Show { .. }) => done.shown += 1,
                 None => done.skipped += 1,
             }
         }
@@ -215,6 +267,7 @@ impl Assistant {
             key: q.key.clone(),
             message_id: q.question.platform_message_id.clone(),
             author_id: q.question.author_id.clone(),
+            shown: q.shown.clone(),
         };
         let Some(sink) = sinks.sink_for(&pending).await else {
             tracing::warn!("the question's conversation cannot be reached; left unanswered");
@@ -227,6 +280,7 @@ impl Assistant {
                     if let Err(e) = self.store.mark_restart_notice_sent(q.question.id).await {
                         tracing::error!(error = %e, "the restart notice went out but cannot be marked sent");
                     }
+                    self.shown_whole(q.question.id).await;
                     tracing::info!("restart notice sent");
                     Some(Take::Notice)
                 }
@@ -237,6 +291,20 @@ impl Assistant {
                     None
                 }
             },
+            Take::Show { reply, status } => {
+                let shown = match status {
+                    Status::Complete => reply,
+                    Status::Cancelled => text::cancelled(&reply),
+                    Status::Failed => text::failed_after(&reply, text::FAILED),
+                };
+                sink.finish(&shown).await;
+                self.shown_whole(q.question.id).await;
+                tracing::info!("a stored reply the last run did not show whole is shown");
+                Some(Take::Show {
+                    reply: String::new(),
+                    status,
+                })
+            }
             Take::Answer => {
                 let msg = Incoming {
                     key: q.key.clone(),
@@ -263,6 +331,7 @@ impl Assistant {
                             question_id: Some(q.question.id),
                             arrived,
                             resumed: true,
+                            notices_shown: q.shown.as_ref().map_or(0, |s| s.notices),
                         },
                         &config,
                         &*sink,
@@ -282,6 +351,13 @@ impl Assistant {
                     }
                 }
             }
+        }
+    }
+
+    /// The answer to a taken-up question is on the platform: a later restart leaves it.
+    async fn shown_whole(&self, question_id: i64) {
+        if let Err(e) = self.store.mark_shown(question_id).await {
+            tracing::warn!(error = %e, "the answer was shown but cannot be marked so; a restart shows it again");
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::chat::Shown;
 use crate::inference::FinishReason;
 
 /// Where a reply goes. Adapters implement it; they pace edits to their platform's limits.
@@ -20,6 +21,11 @@ pub trait ReplySink: Send + Sync {
     async fn fail(&self, message: &str);
     /// An informational answer (command results, notices).
     async fn notice(&self, text: &str);
+    /// The platform messages showing this reply so far, as they can be found again after a
+    /// restart; `None` where they cannot be (a terminal, an interaction's short-lived token).
+    async fn shown(&self) -> Option<Shown> {
+        None
+    }
 }
 
 /// What became of a message, for adapters' bookkeeping and tests.

@@ -29,6 +29,20 @@ pub const EMPTY: &str = "Your message is empty; ask me something.";
 pub const CANCELLED_SUFFIX: &str = " … (stopped)";
 pub const RESTARTED: &str = "I restarted before I could answer this, and it's too long ago to take up now. Please ask again.";
 
+/// A reply stopped by `/stop` (or a delete), as it is shown.
+pub fn cancelled(reply: &str) -> String {
+    format!("{reply}{CANCELLED_SUFFIX}")
+}
+
+/// A failure shown after what was written so far, or alone when nothing was.
+pub fn failed_after(written: &str, message: &str) -> String {
+    if written.is_empty() {
+        message.to_string()
+    } else {
+        format!("{written}\n\n⚠️ {message}")
+    }
+}
+
 pub fn rate_limited(seconds: u64) -> String {
     format!("You're sending messages faster than I can answer. Try again in {seconds} s.")
 }

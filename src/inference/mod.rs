@@ -4,6 +4,7 @@
 
 pub mod load;
 pub mod model;
+pub mod sampling;
 pub mod stop;
 pub mod tokenizer;
 mod worker;
@@ -11,8 +12,6 @@ mod worker;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 pub use load::{LoadError, LoadOptions, LoadedModel, WeightFormat, load, load_from_settings};
 pub use model::{LlamaModel, LlamaShape, SeqCache};
@@ -50,37 +49,6 @@ impl SamplingParams {
             repeat_last_n: s.repeat_last_n as usize,
             seed: s.seed,
         }
-    }
-
-    fn processor(&self) -> LogitsProcessor {
-        let seed = if self.seed == 0 {
-            // A fresh seed per reply unless one is configured.
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(42)
-        } else {
-            self.seed
-        };
-        let t = self.temperature;
-        let sampling = if t <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            match (self.top_k, self.top_p < 1.0) {
-                (0, false) => Sampling::All { temperature: t },
-                (0, true) => Sampling::TopP {
-                    p: self.top_p,
-                    temperature: t,
-                },
-                (k, false) => Sampling::TopK { k, temperature: t },
-                (k, true) => Sampling::TopKThenTopP {
-                    k,
-                    p: self.top_p,
-                    temperature: t,
-                },
-            }
-        };
-        LogitsProcessor::from_sampling(seed, sampling)
     }
 }
 

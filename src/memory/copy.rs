@@ -1,5 +1,5 @@
 //! Copying a whole memory into another database (SQLite to PostgreSQL, or any pair): every
-//! conversation with its settings and boundaries, every message (with the run that accepted it)
+//! conversation with its settings and boundaries, every message (with the run that accepted it, and where its answer is shown)
 //! and every restart notice, ids kept so boundaries and reply links stay true. One transaction per conversation, so an interrupted copy leaves each
 //! conversation whole or absent, and running it again copies only what is missing.
 
@@ -10,7 +10,7 @@ use super::{MemoryError, Result, Store};
 
 const CONVERSATION_ROW: &str = "id, platform, space, channel, thread, created_at, private, reset_after, trim_after, system_prompt, temperature, max_new_tokens";
 
-const MESSAGE_ROW: &str = "id, conversation_id, role, author_id, author_name, content, platform, platform_message_id, reply_to, status, token_count, token_key, created_at, edited_at, accepted_by";
+const MESSAGE_ROW: &str = "id, conversation_id, role, author_id, author_name, content, platform, platform_message_id, reply_to, status, token_count, token_key, created_at, edited_at, accepted_by, shown_in";
 
 /// A conversation row, every column.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -47,6 +47,7 @@ struct MessageCopy {
     created_at: i64,
     edited_at: Option<i64>,
     accepted_by: Option<i64>,
+    shown_in: Option<String>,
 }
 
 /// A restart notice row, every column.
@@ -212,7 +213,7 @@ impl Store {
         );
         let message_sql = format!(
             "INSERT INTO messages ({MESSAGE_ROW})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         );
         on_pool!(&self.pool, |p| {
             let mut tx = p.begin().await?;
@@ -248,6 +249,7 @@ impl Store {
                     .bind(m.created_at)
                     .bind(m.edited_at)
                     .bind(m.accepted_by)
+                    .bind(&m.shown_in)
                     .execute(&mut *tx)
                     .await?;
             }

@@ -22,7 +22,7 @@ use std::time::Duration;
 pub use copy::{CopyReport, Counts};
 pub use error::{MemoryError, Result};
 pub use export::{Exchange, pair_answers};
-pub use pending::{NoticeStatus, Unanswered};
+pub use pending::{NoticeStatus, Unanswered, Unshown};
 pub use records::{
     Affected, Appended, Conversation, ConversationSettings, NewUserTurn, Status, StoredMessage,
 };

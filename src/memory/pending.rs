@@ -2,6 +2,9 @@
 //! A resumed reply is stored only while its question exists and has no reply yet, and a notice is
 //! claimed in a row before it is sent, so neither can happen twice.
 //!
+//! Every question also records where its answer is shown (`shown_in`, [`Shown`]) until the final
+//! text went out, so a restart finishes a half-shown answer in the messages that show it.
+//!
 //! Every question records the run that accepted it (`accepted_by`, [`Store::run_id`]). A daemon
 //! starting up takes over only the questions of runs that are gone, each in one statement, so of
 //! several daemons sharing a PostgreSQL memory none answers a question another is still working
@@ -14,7 +17,7 @@ use sqlx::AssertSqlSafe;
 use super::pool::on_pool;
 use super::records::{MESSAGE_COLUMNS, MessageRow, Status};
 use super::{MemoryError, Result, Store, StoredMessage, now_ms};
-use crate::chat::{ConversationKey, Platform, without_nul};
+use crate::chat::{ConversationKey, Platform, Shown, without_nul};
 
 /// A stored question with no reply and no restart notice, with the conversation it belongs to.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +25,20 @@ pub struct Unanswered {
     pub key: ConversationKey,
     pub private: bool,
     pub question: StoredMessage,
+    /// The messages already showing part of an answer (the process died writing it); `None`
+    /// when nothing is known of them.
+    pub shown: Option<Shown>,
+}
+
+/// A stored reply whose final text may not have reached the platform: the process died between
+/// storing it and showing it whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unshown {
+    /// The question, and where its answer is shown so far (no ids: nothing was posted yet).
+    pub pending: Unanswered,
+    pub reply_id: i64,
+    pub reply: String,
+    pub status: Status,
 }
 
 /// Where a question's restart notice stands.
@@ -43,7 +60,58 @@ struct PendingRow {
     conv_private: bool,
     /// 0 for questions stored before runs were recorded.
     owner: i64,
+    shown_in: Option<String>,
 }
+
+impl PendingRow {
+    fn key(&self) -> Result<ConversationKey> {
+        let platform = self
+            .conv_platform
+            .parse()
+            .map_err(|e| MemoryError::Corrupt(format!("a conversation of {e}")))?;
+        Ok(ConversationKey {
+            platform,
+            space: self.conv_space.clone(),
+            channel: self.conv_channel.clone(),
+            thread: self.conv_thread.clone(),
+        })
+    }
+
+    fn shown(&self) -> Option<Shown> {
+        let text = self.shown_in.as_deref()?;
+        let shown = Shown::parse(text);
+        if shown.is_none() {
+            tracing::warn!(
+                question = self.message.id(),
+                "where an answer is shown cannot be read; it is shown anew"
+            );
+        }
+        shown
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct UnshownRow {
+    #[sqlx(flatten)]
+    pending: PendingRow,
+    reply_id: i64,
+    reply_content: String,
+    reply_status: String,
+}
+
+/// The question columns, prefixed for a query that joins `messages m`.
+fn question_columns() -> String {
+    MESSAGE_COLUMNS
+        .split(", ")
+        .map(|c| format!("m.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The conversation's and ownership columns every pending query selects beside the question's.
+const PENDING_COLUMNS: &str = "c.platform AS conv_platform, c.space AS conv_space,
+    c.channel AS conv_channel, c.thread AS conv_thread, c.private AS conv_private,
+    COALESCE(m.accepted_by, 0) AS owner, m.shown_in AS shown_in";
 
 impl Store {
     /// Takes over the platform's questions accepted in `[since_ms, before_ms)` that have no
@@ -57,22 +125,16 @@ impl Store {
         since_ms: i64,
         before_ms: i64,
     ) -> Result<Vec<Unanswered>> {
-        let columns: String = MESSAGE_COLUMNS
-            .split(", ")
-            .map(|c| format!("m.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let sql = format!(
-            "SELECT {columns}, c.platform AS conv_platform, c.space AS conv_space,
-                    c.channel AS conv_channel, c.thread AS conv_thread,
-                    c.private AS conv_private, COALESCE(m.accepted_by, 0) AS owner
+            "SELECT {}, {PENDING_COLUMNS}
              FROM messages m JOIN conversations c ON c.id = m.conversation_id
              WHERE m.role = 'user' AND c.platform = $1 AND m.created_at >= $2
                AND m.created_at < $3 AND COALESCE(m.accepted_by, 0) <> $4
                AND m.id > c.reset_after
                AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.reply_to = m.id)
                AND NOT EXISTS (SELECT 1 FROM restart_notices n WHERE n.question_id = m.id)
-             ORDER BY m.id"
+             ORDER BY m.id",
+            question_columns()
         );
         let rows: Vec<PendingRow> = on_pool!(&self.pool, |p| {
             sqlx::query_as(AssertSqlSafe(sql))
@@ -83,10 +145,79 @@ impl Store {
                 .fetch_all(p)
                 .await?
         });
+        let mut taken = Vec::new();
+        for row in self.taken_over(rows, |r| r).await? {
+            taken.push(Unanswered {
+                key: row.key()?,
+                private: row.conv_private,
+                shown: row.shown(),
+                question: row.message.into(),
+            });
+        }
+        Ok(taken)
+    }
+
+    /// Takes over the platform's replies stored in `[since_ms, before_ms)` whose final text may
+    /// not have been shown (the process died first), oldest first, on the same terms as
+    /// [`Store::take_unanswered`]: only a gone run's, each taken by one daemon.
+    pub async fn take_unshown(
+        &self,
+        platform: Platform,
+        since_ms: i64,
+        before_ms: i64,
+    ) -> Result<Vec<Unshown>> {
+        let sql = format!(
+            "SELECT {}, {PENDING_COLUMNS}, r.id AS reply_id, r.content AS reply_content,
+                    r.status AS reply_status
+             FROM messages m JOIN conversations c ON c.id = m.conversation_id
+             JOIN messages r ON r.reply_to = m.id AND r.role = 'assistant'
+             WHERE m.role = 'user' AND c.platform = $1 AND m.created_at >= $2
+               AND m.created_at < $3 AND COALESCE(m.accepted_by, 0) <> $4
+               AND m.shown_in IS NOT NULL
+             ORDER BY m.id",
+            question_columns()
+        );
+        let rows: Vec<UnshownRow> = on_pool!(&self.pool, |p| {
+            sqlx::query_as(AssertSqlSafe(sql))
+                .bind(platform.as_str())
+                .bind(since_ms)
+                .bind(before_ms)
+                .bind(self.run_id)
+                .fetch_all(p)
+                .await?
+        });
+        let mut taken = Vec::new();
+        for row in self.taken_over(rows, |r| &r.pending).await? {
+            let pending = Unanswered {
+                key: row.pending.key()?,
+                private: row.pending.conv_private,
+                shown: Some(row.pending.shown().unwrap_or_default()),
+                question: row.pending.message.into(),
+            };
+            taken.push(Unshown {
+                pending,
+                reply_id: row.reply_id,
+                reply: row.reply_content,
+                status: Status::parse(&row.reply_status),
+            });
+        }
+        Ok(taken)
+    }
+
+    /// The rows whose question this run took over: their accepting run is gone, and this run's
+    /// statement was the one that moved each to it.
+    async fn taken_over<R>(
+        &self,
+        rows: Vec<R>,
+        pending: impl Fn(&R) -> &PendingRow,
+    ) -> Result<Vec<R>> {
         let mut alive: HashMap<i64, bool> = HashMap::new();
         let mut taken = Vec::new();
         for row in rows {
-            let owner = row.owner;
+            let (owner, id) = {
+                let p = pending(&row);
+                (p.owner, p.message.id())
+            };
             let owner_alive = match alive.get(&owner) {
                 Some(a) => *a,
                 None => {
@@ -95,29 +226,47 @@ impl Store {
                     a
                 }
             };
-            if owner_alive {
+            if owner_alive || !self.take_over(id, owner).await? {
                 continue;
             }
-            let question: StoredMessage = row.message.into();
-            if !self.take_over(question.id, owner).await? {
-                continue;
-            }
-            let platform = row
-                .conv_platform
-                .parse()
-                .map_err(|e| MemoryError::Corrupt(format!("a conversation of {e}")))?;
-            taken.push(Unanswered {
-                key: ConversationKey {
-                    platform,
-                    space: row.conv_space,
-                    channel: row.conv_channel,
-                    thread: row.conv_thread,
-                },
-                private: row.conv_private,
-                question,
-            });
+            taken.push(row);
         }
         Ok(taken)
+    }
+
+    /// Records where the answer to `question_id` is shown so far (nothing posted yet: an empty
+    /// [`Shown`]), until [`Store::mark_shown`].
+    pub async fn set_shown(&self, question_id: i64, shown: &Shown) -> Result<()> {
+        on_pool!(&self.pool, |p| {
+            sqlx::query("UPDATE messages SET shown_in = $1 WHERE id = $2")
+                .bind(shown.to_text())
+                .bind(question_id)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// The answer to `question_id` was shown whole (or ended with a notice): a restart leaves it.
+    pub async fn mark_shown(&self, question_id: i64) -> Result<()> {
+        on_pool!(&self.pool, |p| {
+            sqlx::query("UPDATE messages SET shown_in = NULL WHERE id = $1")
+                .bind(question_id)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Where the answer to `question_id` is recorded as shown: `None` once shown whole.
+    pub async fn shown(&self, question_id: i64) -> Result<Option<Shown>> {
+        let text: Option<Option<String>> = on_pool!(&self.pool, |p| {
+            sqlx::query_scalar("SELECT shown_in FROM messages WHERE id = $1")
+                .bind(question_id)
+                .fetch_optional(p)
+                .await?
+        });
+        Ok(text.flatten().and_then(|t| Shown::parse(&t)))
     }
 
     /// Makes this run the question's owner, if `from` still is: one statement, so of two

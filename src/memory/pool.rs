@@ -101,6 +101,17 @@ async fn open_sqlite(
         .busy_timeout(busy_timeout);
     let pool = SqlitePoolOptions::new()
         .max_connections(SQLITE_CONNECTIONS)
+        // SQLite opens a file it may not write read-only, without a word, and such a connection
+        // stays read-only after the disk takes writes again: it serves while it is out, then is
+        // closed rather than pooled, so the next one opens afresh.
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                let mut handle = conn.lock_handle().await?;
+                let db = handle.as_raw_handle().as_ptr();
+                // SAFETY: the handle is locked and live for the call.
+                Ok(unsafe { libsqlite3_sys::sqlite3_db_readonly(db, c"main".as_ptr()) } == 0)
+            })
+        })
         .connect_with(options)
         .await
         .map_err(|source| MemoryError::Open {

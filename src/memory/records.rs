@@ -22,7 +22,7 @@ impl Status {
         }
     }
 
-    fn parse(s: &str) -> Status {
+    pub(super) fn parse(s: &str) -> Status {
         match s {
             "cancelled" => Status::Cancelled,
             "failed" => Status::Failed,
@@ -151,6 +151,12 @@ pub(super) struct MessageRow {
     token_key: Option<i64>,
     created_at: i64,
     edited_at: Option<i64>,
+}
+
+impl MessageRow {
+    pub(super) fn id(&self) -> i64 {
+        self.id
+    }
 }
 
 impl From<MessageRow> for StoredMessage {

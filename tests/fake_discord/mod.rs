@@ -45,6 +45,8 @@ pub enum EditFailure {
     /// 429 with `retry_after` (seconds) in the body and in the `Retry-After` (whole seconds,
     /// rounded up) and `X-RateLimit-Reset-After` headers, as Discord sends them.
     RateLimited { retry_after: f64 },
+    /// No answer for this long (the edit then goes through): a request left hanging.
+    Hang { seconds: f64 },
 }
 
 enum GwCommand {
@@ -504,6 +506,7 @@ const BAD_GATEWAY_PAGE: &str = "<html>\r\n<head><title>502 Bad Gateway</title></
 
 fn edit_failure(f: EditFailure) -> Response {
     match f {
+        EditFailure::Hang { .. } => StatusCode::OK.into_response(),
         EditFailure::BadGateway => (
             StatusCode::BAD_GATEWAY,
             [("content-type", "text/html")],
@@ -531,10 +534,13 @@ async fn edit_message(
 ) -> Response {
     let body = parse(&body);
     let scripted = s.edit_failures.lock().unwrap().pop_front();
-    if let Some(f) = scripted {
+    if let Some(EditFailure::Hang { seconds }) = scripted {
+        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    } else if let Some(f) = scripted {
         let status = match f {
             EditFailure::BadGateway => 502,
             EditFailure::RateLimited { .. } => 429,
+            EditFailure::Hang { .. } => unreachable!("answered above"),
         };
         record(&s, "PATCH", uri.path(), body, status);
         return edit_failure(f);

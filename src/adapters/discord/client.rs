@@ -9,7 +9,7 @@ use serenity::all::{GatewayIntents, HttpBuilder};
 use serenity::http::HttpError;
 
 use super::handler::Handler;
-use super::rest::{REQUEST_TIMEOUT, Rest};
+use super::rest::{Priority, REQUEST_TIMEOUT, Rest};
 use super::surface::no_mentions;
 use crate::adapters::{ConnectError, until_stopped};
 use crate::config::{DiscordSettings, ShardPlan};
@@ -58,7 +58,7 @@ impl DiscordClient {
         };
         let rest = Arc::new(Rest::new(Arc::new(http()), pool.clone()));
         let http = http();
-        rest.limiter().acquire().await;
+        rest.limiter().acquire(Priority::Normal).await;
         let gateway = http
             .get_gateway()
             .await
@@ -69,7 +69,7 @@ impl DiscordClient {
                 gateway.url
             )));
         }
-        rest.limiter().acquire().await;
+        rest.limiter().acquire(Priority::Normal).await;
         let me = http
             .get_current_user()
             .await

@@ -12,7 +12,7 @@ use serenity::all::{
 };
 use serenity::http::{LightMethod, Request as HttpRequest, Route};
 
-use super::rest::{Rest, RestError};
+use super::rest::{Priority, Rest, RestError};
 use super::slash::{self, slash_requests};
 use super::surface::{Replies, Target};
 use super::trigger::{Facts, classify, strip_mention};
@@ -164,7 +164,10 @@ impl Handler {
             LightMethod::Post,
         )
         .body(Some(body));
-        self.rest().empty("defer interaction", req).await
+        // Discord drops an interaction not answered within 3 s.
+        self.rest()
+            .empty("defer interaction", Priority::Urgent, req)
+            .await
     }
 
     /// Replaces the slash commands, globally or in one guild.
@@ -186,7 +189,9 @@ impl Handler {
             },
         };
         let req = HttpRequest::new(route, LightMethod::Put).body(Some(body));
-        self.rest().empty("register commands", req).await
+        self.rest()
+            .empty("register commands", Priority::Normal, req)
+            .await
     }
 
     async fn on_command(&self, ctx: Context, cmd: CommandInteraction) {
@@ -347,7 +352,7 @@ impl EventHandler for Handler {
 }
 
 /// Replies to stored questions after a restart: in the question's thread or channel, as a reply
-/// to its message. A slash command's interaction has expired by then, so its answer is posted
+/// to its message, or in the messages the last run had posted for it. A slash command's interaction has expired by then, so its answer is posted
 /// in the channel without a reference.
 struct ResumedReplies {
     replies: Replies,
@@ -376,10 +381,26 @@ impl ResumeSinks for ResumedReplies {
             .and_then(|id| id.parse::<u64>().ok())
             .filter(|&id| id != 0)
             .map(MessageId::new);
-        Some(Box::new(self.replies.reply(
-            Target::Channel { channel, reply_to },
-            self.interval,
-            0,
-        )))
+        // Messages the last run posted for this answer are edited, not posted again.
+        let earlier = question.shown.as_ref().and_then(|shown| {
+            let ids = shown
+                .ids
+                .iter()
+                .map(|id| id.parse::<u64>().ok().filter(|&id| id != 0).map(MessageId::new))
+                .collect::<Option<Vec<_>>>();
+            if ids.is_none() {
+                tracing::warn!(conversation = %key, "messages of an earlier answer with unreadable ids; posting anew");
+            }
+            ids.filter(|ids| !ids.is_empty()).map(|ids| (shown.notices, ids))
+        });
+        Some(Box::new(match earlier {
+            Some((notices, ids)) => {
+                self.replies
+                    .reply_showing(channel, reply_to, self.interval, notices, ids)
+            }
+            None => self
+                .replies
+                .reply(Target::Channel { channel, reply_to }, self.interval, 0),
+        }))
     }
 }

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -50,21 +51,60 @@ impl RestError {
     }
 }
 
-/// At most `limit` requests start within any `window`. Waiting callers queue in arrival
-/// order; a 429 that Discord marks global pauses everyone.
+/// Which requests go first when the bot is short of its global limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Priority {
+    /// What users wait for: an answer's first post, and the final text of a reply or notice.
+    Urgent,
+    /// The rest: queue notices, start-up lookups.
+    Normal,
+}
+
+/// Counts a waiting caller until it is served or gives up (its future dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// At most `limit` requests start within any `window`. Waiting callers queue in arrival order
+/// within their [`Priority`], and a free slot goes to an urgent caller before any other: under
+/// load, answers' first posts and final texts do not wait behind queue notices. A 429 that
+/// Discord marks global pauses everyone.
 pub(super) struct Limiter {
     limit: usize,
     window: Duration,
-    sent: tokio::sync::Mutex<VecDeque<Instant>>,
+    sent: std::sync::Mutex<VecDeque<Instant>>,
+    /// One line per priority: its first caller is the one that watches the slots.
+    urgent_line: tokio::sync::Mutex<()>,
+    normal_line: tokio::sync::Mutex<()>,
+    urgent_waiting: AtomicUsize,
+    normal_waiting: AtomicUsize,
     paused_until: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How often a normal caller looks again while urgent ones take the free slots.
+const YIELD_TO_URGENT: Duration = Duration::from_millis(2);
 
 impl Limiter {
     pub(super) fn new(limit: usize, window: Duration) -> Self {
         Self {
             limit: limit.max(1),
             window,
-            sent: tokio::sync::Mutex::new(VecDeque::new()),
+            sent: std::sync::Mutex::new(VecDeque::new()),
+            urgent_line: tokio::sync::Mutex::new(()),
+            normal_line: tokio::sync::Mutex::new(()),
+            urgent_waiting: AtomicUsize::new(0),
+            normal_waiting: AtomicUsize::new(0),
             paused_until: std::sync::Mutex::new(None),
         }
     }
@@ -85,41 +125,53 @@ impl Limiter {
             .filter(|d| !d.is_zero())
     }
 
-    /// Waits for a slot, behind every caller that came first.
-    pub(super) async fn acquire(&self) {
-        let mut sent = self.sent.lock().await;
+    /// Takes a slot if `priority` may have one now; otherwise how long to wait before looking
+    /// again.
+    fn take_or_wait(&self, priority: Priority) -> Option<Duration> {
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        self.prune(&mut sent, now);
+        if sent.len() >= self.limit {
+            let oldest = sent.front().copied().unwrap_or(now);
+            return Some(self.window.saturating_sub(now.duration_since(oldest)));
+        }
+        if priority == Priority::Normal && self.urgent_waiting.load(Ordering::Acquire) > 0 {
+            return Some(YIELD_TO_URGENT);
+        }
+        sent.push_back(now);
+        None
+    }
+
+    /// Waits for a slot, behind every caller of the same priority that came first, and behind
+    /// every urgent one.
+    pub(super) async fn acquire(&self, priority: Priority) {
+        let (line, count) = match priority {
+            Priority::Urgent => (&self.urgent_line, &self.urgent_waiting),
+            Priority::Normal => (&self.normal_line, &self.normal_waiting),
+        };
+        let _waiting = Waiting::new(count);
+        let _first = line.lock().await;
         loop {
             if let Some(wait) = self.pause_left() {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            let now = Instant::now();
-            self.prune(&mut sent, now);
-            if sent.len() < self.limit {
-                sent.push_back(now);
-                return;
+            match self.take_or_wait(priority) {
+                None => return,
+                Some(wait) => tokio::time::sleep(wait).await,
             }
-            let oldest = sent.front().copied().unwrap_or(now);
-            tokio::time::sleep(self.window.saturating_sub(now.duration_since(oldest))).await;
         }
     }
 
     /// A slot only if one is free now and nobody waits: for requests that may be skipped.
     pub(super) fn try_acquire(&self) -> bool {
-        if self.pause_left().is_some() {
+        if self.pause_left().is_some()
+            || self.urgent_waiting.load(Ordering::Acquire) > 0
+            || self.normal_waiting.load(Ordering::Acquire) > 0
+        {
             return false;
         }
-        let Ok(mut sent) = self.sent.try_lock() else {
-            return false;
-        };
-        let now = Instant::now();
-        self.prune(&mut sent, now);
-        if sent.len() < self.limit {
-            sent.push_back(now);
-            true
-        } else {
-            false
-        }
+        self.take_or_wait(Priority::Urgent).is_none()
     }
 
     /// Discord said every request must wait (a global 429).
@@ -206,9 +258,10 @@ impl Rest {
     pub(super) async fn json<T: DeserializeOwned>(
         &self,
         what: &'static str,
+        priority: Priority,
         req: Request<'_>,
     ) -> Result<T, RestError> {
-        let body = self.send(what, req).await?;
+        let body = self.send(what, priority, req).await?;
         serde_json::from_str(&body)
             .map_err(|e| RestError::Invalid(format!("{what}: unexpected answer: {e}")))
     }
@@ -217,9 +270,10 @@ impl Rest {
     pub(super) async fn empty(
         &self,
         what: &'static str,
+        priority: Priority,
         req: Request<'_>,
     ) -> Result<(), RestError> {
-        self.send(what, req).await.map(|_| ())
+        self.send(what, priority, req).await.map(|_| ())
     }
 
     /// Sends `req` once, taking a slot only if one is free now: a request worth skipping
@@ -240,11 +294,16 @@ impl Rest {
 
     /// Sends `req`, retrying what may pass with back-off (at least as long as Discord asks),
     /// each try taking a slot from the shared limiter.
-    async fn send(&self, what: &'static str, req: Request<'_>) -> Result<String, RestError> {
+    async fn send(
+        &self,
+        what: &'static str,
+        priority: Priority,
+        req: Request<'_>,
+    ) -> Result<String, RestError> {
         let (mut backoff, mut attempt) = (FIRST_BACKOFF, 0);
         loop {
             attempt += 1;
-            self.limiter.acquire().await;
+            self.limiter.acquire(priority).await;
             let (why, asked) = match self.try_send(req.clone()).await {
                 Tried::Done(body) => return Ok(body),
                 Tried::Failed(e) => return Err(e),
@@ -382,7 +441,7 @@ mod tests {
             .map(|_| {
                 let l = limiter.clone();
                 tokio::spawn(async move {
-                    l.acquire().await;
+                    l.acquire(Priority::Normal).await;
                     Instant::now()
                 })
             })
@@ -405,5 +464,39 @@ mod tests {
             "{took:?}"
         );
         assert!(!limiter.try_acquire(), "the window is full");
+    }
+
+    /// With the window full, urgent callers that came last get the next slots before normal
+    /// ones that came first; the limit still holds.
+    #[tokio::test]
+    async fn urgent_requests_take_free_slots_before_normal_ones() {
+        let limiter = Arc::new(Limiter::new(2, Duration::from_millis(150)));
+        limiter.acquire(Priority::Normal).await;
+        limiter.acquire(Priority::Normal).await;
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let spawn = |priority: Priority, name: &'static str| {
+            let (l, order) = (limiter.clone(), order.clone());
+            tokio::spawn(async move {
+                l.acquire(priority).await;
+                order.lock().unwrap().push((name, Instant::now()));
+            })
+        };
+        let mut tasks = vec![
+            spawn(Priority::Normal, "normal 1"),
+            spawn(Priority::Normal, "normal 2"),
+        ];
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tasks.push(spawn(Priority::Urgent, "urgent 1"));
+        tasks.push(spawn(Priority::Urgent, "urgent 2"));
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let names: Vec<&str> = order.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["urgent 1", "urgent 2", "normal 1", "normal 2"]);
+        assert!(
+            order[2].1.duration_since(order[0].1) >= Duration::from_millis(140),
+            "the normal ones waited for the next window: {order:?}"
+        );
     }
 }

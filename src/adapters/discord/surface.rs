@@ -14,7 +14,7 @@ use serenity::all::{
 };
 use serenity::http::{LightMethod, Request, Route};
 
-use super::rest::{Rest, RestError};
+use super::rest::{Priority, Rest, RestError};
 use super::typing::{ChannelTyping, RENEW_EVERY};
 use crate::adapters::split::DISCORD_LIMIT;
 use crate::adapters::stream::{Render, StreamedReply, Surface, TypingHold};
@@ -32,6 +32,15 @@ fn body(what: &str, builder: &impl serde::Serialize) -> Result<Vec<u8>, RestErro
 fn is_queue_notice(text: &str) -> bool {
     let shape = |t: &str| -> String { t.chars().filter(|c| !c.is_ascii_digit()).collect() };
     text.chars().any(|c| c.is_ascii_digit()) && shape(text) == shape(&text::queued(0))
+}
+
+/// A queue notice can wait for a free request; any other text is what a user waits for.
+fn priority_of(content: &str) -> Priority {
+    if is_queue_notice(content) {
+        Priority::Normal
+    } else {
+        Priority::Urgent
+    }
 }
 
 /// A nonce Discord keeps for a few minutes with `enforce_nonce`: a post retried after a lost
@@ -111,7 +120,10 @@ impl DiscordSurface {
             LightMethod::Post,
         )
         .body(Some(body("send message", &m)?));
-        let msg: Message = self.rest.json("send message", req).await?;
+        let msg: Message = self
+            .rest
+            .json("send message", priority_of(content), req)
+            .await?;
         Ok(msg.id)
     }
 
@@ -133,7 +145,10 @@ impl DiscordSurface {
             LightMethod::Post,
         )
         .body(Some(body("follow-up", &f)?));
-        let msg: Message = self.rest.json("follow-up", req).await?;
+        let msg: Message = self
+            .rest
+            .json("follow-up", priority_of(content), req)
+            .await?;
         Ok(msg.id)
     }
 
@@ -155,7 +170,10 @@ impl DiscordSurface {
             LightMethod::Patch,
         )
         .body(Some(body("edit response", &e)?));
-        let msg: Message = self.rest.json("edit response", req).await?;
+        let msg: Message = self
+            .rest
+            .json("edit response", priority_of(content), req)
+            .await?;
         Ok(msg.id)
     }
 
@@ -221,7 +239,10 @@ impl DiscordSurface {
                 .transpose()
                 .map(|r| r.is_some());
         }
-        self.rest.empty(what, req).await.map(|()| true)
+        self.rest
+            .empty(what, Priority::Urgent, req)
+            .await
+            .map(|()| true)
     }
 
     /// A new message after the reply's others, for text an edit could not show.
@@ -362,6 +383,12 @@ impl Surface for DiscordSurface {
         }
     }
 
+    /// A channel message can be edited by id after a restart; an interaction's messages only
+    /// through its token, which expires.
+    fn lasting_id(&self, id: &MessageId) -> Option<String> {
+        matches!(self.target, Target::Channel { .. }).then(|| id.get().to_string())
+    }
+
     /// Only channels show typing; Discord shows it for about 10 s and ends it with the message.
     fn typing_interval(&self) -> Option<Duration> {
         matches!(self.target, Target::Channel { .. }).then_some(RENEW_EVERY)
@@ -394,23 +421,38 @@ impl Replies {
         }
     }
 
+    fn surface(&self, target: Target, offset: usize) -> DiscordSurface {
+        DiscordSurface {
+            rest: self.rest.clone(),
+            typing: self.typing.clone(),
+            target,
+            offset,
+            shown: Mutex::new(HashMap::new()),
+            continued: Mutex::new(HashMap::new()),
+        }
+    }
+
     pub(super) fn reply(
         &self,
         target: Target,
         interval: Duration,
         offset: usize,
     ) -> StreamedReply<DiscordSurface> {
-        StreamedReply::new(
-            DiscordSurface {
-                rest: self.rest.clone(),
-                typing: self.typing.clone(),
-                target,
-                offset,
-                shown: Mutex::new(HashMap::new()),
-                continued: Mutex::new(HashMap::new()),
-            },
-            interval,
-        )
+        StreamedReply::new(self.surface(target, offset), interval)
+    }
+
+    /// A reply going on in channel messages an earlier process posted (see
+    /// [`StreamedReply::showing`]).
+    pub(super) fn reply_showing(
+        &self,
+        channel: ChannelId,
+        reply_to: Option<MessageId>,
+        interval: Duration,
+        notices: usize,
+        ids: Vec<MessageId>,
+    ) -> StreamedReply<DiscordSurface> {
+        let target = Target::Channel { channel, reply_to };
+        StreamedReply::showing(self.surface(target, 0), interval, notices, ids)
     }
 }
 

@@ -120,7 +120,8 @@ async fn identity(
 }
 
 /// Replies to stored questions after a restart: in the question's room (and thread), as a reply
-/// to its event, while the bot is still in the room.
+/// to its event (or in the events the last run had sent for it), while the bot is still in the
+/// room.
 struct ResumedReplies {
     client: Client,
     shared: Arc<Shared>,
@@ -145,17 +146,31 @@ impl ResumeSinks for ResumedReplies {
                 event_id.clone(),
             )),
         };
-        Some(Box::new(StreamedReply::new(
-            MatrixSurface {
-                room,
-                question: Question {
-                    event_id,
-                    sender,
-                    thread,
-                },
-                shared: self.shared.clone(),
+        let surface = MatrixSurface {
+            room,
+            question: Question {
+                event_id,
+                sender,
+                thread,
             },
-            self.shared.interval(),
-        )))
+            shared: self.shared.clone(),
+        };
+        // Events the last run sent for this answer are replaced, not sent again.
+        let earlier = question.shown.as_ref().and_then(|shown| {
+            let ids = shown
+                .ids
+                .iter()
+                .map(|id| OwnedEventId::try_from(id.as_str()).ok())
+                .collect::<Option<Vec<_>>>();
+            if ids.is_none() {
+                tracing::warn!(room = %room_id, "events of an earlier answer with unreadable ids; sending anew");
+            }
+            ids.filter(|ids| !ids.is_empty()).map(|ids| (shown.notices, ids))
+        });
+        let interval = self.shared.interval();
+        Some(Box::new(match earlier {
+            Some((notices, ids)) => StreamedReply::showing(surface, interval, notices, ids),
+            None => StreamedReply::new(surface, interval),
+        }))
     }
 }

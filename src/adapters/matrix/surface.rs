@@ -102,6 +102,11 @@ impl Surface for MatrixSurface {
         Ok(true)
     }
 
+    /// Any later process may replace an event the bot sent.
+    fn lasting_id(&self, id: &OwnedEventId) -> Option<String> {
+        Some(id.to_string())
+    }
+
     /// A notice lasts 4 s; matrix-sdk resends it at most every 3 s.
     fn typing_interval(&self) -> Option<Duration> {
         Some(Duration::from_secs(3))

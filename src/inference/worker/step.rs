@@ -30,7 +30,7 @@ struct Active {
     /// The token to feed next while decoding.
     next: Option<u32>,
     context: Vec<u32>,
-    sampler: candle_transformers::generation::LogitsProcessor,
+    sampler: crate::inference::sampling::Sampler,
     stream: TextStream,
     scanner: StopScanner,
     max_new: usize,
@@ -141,7 +141,7 @@ impl State {
             cache,
             next: None,
             context: prompt.clone(),
-            sampler: p.req.sampling.processor(),
+            sampler: crate::inference::sampling::Sampler::new(&p.req.sampling),
             stream: TextStream::default(),
             scanner: StopScanner::new(&p.req.stop),
             max_new,
@@ -239,17 +239,8 @@ impl State {
 
     /// Picks the next token of one sequence and streams what it adds.
     fn sample(&self, a: &mut Active, logits: candle_core::Tensor) -> candle_core::Result<()> {
-        let rp = a.p.req.sampling.repetition_penalty;
-        let logits = if (rp - 1.0).abs() > f32::EPSILON {
-            let from = a
-                .context
-                .len()
-                .saturating_sub(a.p.req.sampling.repeat_last_n);
-            candle_transformers::utils::apply_repeat_penalty(&logits, rp, &a.context[from..])?
-        } else {
-            logits
-        };
-        let token = a.sampler.sample(&logits)?;
+        let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let token = a.sampler.sample(logits, &a.context);
         a.result.completion_tokens += 1;
         if a.result.time_to_first_token.is_none() {
             a.result.time_to_first_token = Some(a.started.elapsed());

@@ -1,6 +1,7 @@
 //! Questions left unanswered by a run that stopped: taken up once, with their restart notices.
 
 use super::*;
+use crate::chat::Shown;
 
 /// The ids of the Matrix questions accepted in `[since, until)` that `store` takes over.
 async fn taken(store: &Store, since: i64, until: i64) -> Vec<i64> {
@@ -133,5 +134,111 @@ async fn unanswered_questions_are_found_and_taken_up_once() {
             .await
             .unwrap();
         assert_eq!(store.restart_notice(q3).await.unwrap(), None);
+    }
+}
+
+/// Where an answer is shown is kept until it was shown whole: a stored reply the run did not
+/// get to show is taken up by the next run once, with its messages, and a question left half
+/// answered comes back with the messages that show its start.
+#[tokio::test]
+async fn replies_not_shown_whole_are_taken_up_once_with_their_messages() {
+    for db in databases().await {
+        let key = ConversationKey::new(Platform::Matrix, "", "!shown:example.org", "");
+        let in_two = Shown {
+            notices: 1,
+            ids: vec!["$note".into(), "$part".into()],
+        };
+        let (shown_whole, stored_unshown, half_answered, nothing_posted) = {
+            let store = db.open().await;
+            let conv = store.conversation(&key).await.unwrap();
+            let mut ids = Vec::new();
+            for (text, id) in [
+                ("one", "$q1"),
+                ("two", "$q2"),
+                ("three", "$q3"),
+                ("four", "$q4"),
+            ] {
+                match store
+                    .append_user(&conv, &user(text, Some(id)))
+                    .await
+                    .unwrap()
+                {
+                    Appended::New(id) => ids.push(id),
+                    Appended::Duplicate(_) => panic!("new"),
+                }
+            }
+            let [whole, unshown, half, none] = ids[..] else {
+                unreachable!()
+            };
+            assert_eq!(
+                store.shown(whole).await.unwrap(),
+                None,
+                "nothing recorded yet"
+            );
+            store.set_shown(none, &Shown::default()).await.unwrap();
+            assert_eq!(store.shown(none).await.unwrap(), Some(Shown::default()));
+            for q in [whole, unshown] {
+                store.set_shown(q, &in_two).await.unwrap();
+                store
+                    .append_assistant(&conv, Some(q), "the answer", Status::Cancelled, None)
+                    .await
+                    .unwrap();
+            }
+            store.mark_shown(whole).await.unwrap();
+            assert_eq!(store.shown(whole).await.unwrap(), None);
+            store.set_shown(half, &in_two).await.unwrap();
+            store.close().await;
+            (whole, unshown, half, none)
+        };
+        let store = db.open().await;
+        let until = now_ms() + 1;
+        let unshown = store
+            .take_unshown(Platform::Matrix, 0, until)
+            .await
+            .unwrap();
+        assert_eq!(unshown.len(), 1, "{unshown:?}");
+        let u = &unshown[0];
+        assert_eq!(u.pending.question.id, stored_unshown);
+        assert_eq!(u.pending.shown.as_ref(), Some(&in_two));
+        assert_eq!(
+            (u.reply.as_str(), u.status),
+            ("the answer", Status::Cancelled)
+        );
+        assert!(u.pending.question.id != shown_whole);
+        let unanswered = store
+            .take_unanswered(Platform::Matrix, 0, until)
+            .await
+            .unwrap();
+        let found: Vec<(i64, Option<Shown>)> = unanswered
+            .iter()
+            .map(|u| (u.question.id, u.shown.clone()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (half_answered, Some(in_two.clone())),
+                (nothing_posted, Some(Shown::default()))
+            ]
+        );
+        // Taken over once: this run's second look finds its own, and once it is shown whole
+        // no later run finds it.
+        assert!(
+            store
+                .take_unshown(Platform::Matrix, 0, until)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store.mark_shown(stored_unshown).await.unwrap();
+        store.close().await;
+        let later = db.open().await;
+        assert!(
+            later
+                .take_unshown(Platform::Matrix, 0, until)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        later.close().await;
     }
 }
