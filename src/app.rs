@@ -30,6 +30,48 @@ pub fn init_logging(settings: &Settings) {
     };
 }
 
+/// Logs for a command whose screen belongs to a person (the interactive chat): appended to
+/// `file` at the configured level; with no file, or one that cannot be opened, only warnings
+/// and errors, on stderr.
+pub fn init_logging_aside(settings: &Settings, file: &str) {
+    let level = std::env::var("SYNTHIA_BOT_LOG").unwrap_or_else(|_| settings.log.level.clone());
+    let opened = (!file.is_empty()).then(|| {
+        let path = Path::new(file);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    });
+    let (writer, level): (tracing_subscriber::fmt::writer::BoxMakeWriter, String) = match opened {
+        Some(Ok(f)) => (
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Arc::new(f)),
+            level,
+        ),
+        failed => {
+            if let Some(Err(e)) = failed {
+                eprintln!("warning: cannot open the log file {file}: {e}; warnings go here");
+            }
+            (
+                tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+                "warn".into(),
+            )
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(&level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
+    let _ = match settings.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
 /// Where matrix-sdk logs every failed request, at ERROR, the 404s of normal operation included
 /// (a room's missing encryption state before its first send, an account without key backup).
 /// Operators alert on ERROR, and the bot logs the failures that matter itself, with the

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-pub use crate::app::{init_logging, load_settings};
+pub use crate::app::{init_logging, init_logging_aside, load_settings};
 use crate::app::{load_worker, open_store};
 use crate::chat::{ConversationKey, Role};
 use crate::config::Settings;
@@ -73,6 +73,9 @@ pub struct ChatArgs {
     /// Model directory or .gguf file (overrides model.path).
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
+    /// Log to the screen as `serve` does, instead of to `console.log_file`.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,9 +122,14 @@ pub async fn chat(mut settings: Settings, args: ChatArgs) -> anyhow::Result<()> 
     let store = open_store(&settings).await?;
     let worker = load_worker(&settings)?;
     let assistant = Arc::new(Assistant::new(store.clone(), worker.clone(), &settings));
-    let result =
-        crate::adapters::console::run(assistant, &args.conversation, &settings.console.user_name)
-            .await;
+    let options = crate::adapters::console::ChatOptions {
+        conversation: args.conversation.clone(),
+        user_name: settings.console.user_name.clone(),
+        history: (!settings.console.history.is_empty())
+            .then(|| PathBuf::from(&settings.console.history)),
+        context_length: settings.model.context_length as usize,
+    };
+    let result = crate::adapters::console::run(assistant, options).await;
     worker.shutdown();
     store.close().await;
     result

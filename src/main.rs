@@ -22,7 +22,15 @@ fn main() -> ExitCode {
     };
     // SAFETY: no other thread exists yet; candle reads these once, on first use.
     unsafe { synthia_bot::inference::set_cpu_threads(threads) };
-    cli::init_logging(&settings);
+    // The interactive chat's screen holds the conversation alone.
+    match &cli.command {
+        Command::Chat(args)
+            if !args.verbose && std::io::IsTerminal::is_terminal(&std::io::stdin()) =>
+        {
+            cli::init_logging_aside(&settings, &settings.console.log_file)
+        }
+        _ => cli::init_logging(&settings),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

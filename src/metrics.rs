@@ -318,6 +318,7 @@ mod tests {
                 completion_tokens: 7,
                 time_to_first_token: Some(Duration::from_millis(120)),
                 generation_time: Duration::from_millis(900),
+                decode_time: Duration::from_millis(700),
                 trimmed_turns: 2,
             },
         );

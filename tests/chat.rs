@@ -396,3 +396,169 @@ fn hub_repo_loads_from_the_local_cache_and_offline_errors_are_clear() {
         "{err}"
     );
 }
+
+/// `chat` on a pseudo-terminal (util-linux `script`), read as a person sees it.
+struct Terminal {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    screen: std::sync::Arc<std::sync::Mutex<String>>,
+    /// How much of the screen earlier waits have read.
+    seen: usize,
+}
+
+impl Terminal {
+    fn start(env: &Env) -> Self {
+        let mut c = env.command(&[]);
+        c.env(
+            "SYNTHIA_BOT__CONSOLE__HISTORY",
+            env.dir.path().join("history"),
+        )
+        .env(
+            "SYNTHIA_BOT__CONSOLE__LOG_FILE",
+            env.dir.path().join("chat.log"),
+        );
+        let mut c = {
+            let mut s = Command::new("script");
+            s.args([
+                "-qfec",
+                &format!("stty cols 100 rows 40; exec '{BIN}' chat"),
+                "/dev/null",
+            ]);
+            for (k, v) in c.get_envs() {
+                match v {
+                    Some(v) => s.env(k, v),
+                    None => s.env_remove(k),
+                };
+            }
+            s.current_dir(env.dir.path());
+            s
+        };
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("util-linux script runs the chat on a pseudo-terminal");
+        let input = child.stdin.take().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let shared = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                shared
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self {
+            child,
+            input,
+            screen,
+            seen: 0,
+        }
+    }
+
+    fn screen(&self) -> String {
+        self.screen.lock().unwrap().clone()
+    }
+
+    /// Waits until `needle` shows after what earlier waits read.
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let screen = self.screen();
+            if let Some(at) = screen[self.seen..].find(needle) {
+                self.seen += at + needle.len();
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?}; the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn type_keys(&mut self, keys: &str) {
+        self.input.write_all(keys.as_bytes()).unwrap();
+        self.input.flush().unwrap();
+    }
+
+    /// Ctrl-D at the prompt; the chat must leave by itself.
+    fn leave(mut self) -> String {
+        self.type_keys("\x04");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "{status:?}\n{}", self.screen());
+                return self.screen();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the chat did not leave:\n{}",
+                self.screen()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// On a terminal: Tab completes `/res` to `/reset`, a trailing `\` continues the question on the
+/// next line, each reply ends with a status line giving its speed and the context used, log
+/// lines go to the log file and never onto the screen, and after a restart the up arrow
+/// recalls what was typed before. Before the line editor the up arrow was taken as the text
+/// `^[[A` and the model's log lines landed in the middle of the conversation.
+#[test]
+fn the_terminal_chat_edits_completes_recalls_and_keeps_logs_off_the_screen() {
+    let env = Env::new();
+    let mut term = Terminal::start(&env);
+    term.wait_for("You: ");
+    term.type_keys("first line \\\rsecond line\r");
+    term.wait_for("Synthia: ");
+    term.wait_for(" tokens/s, context ");
+    term.wait_for(" of 4096]");
+    term.wait_for("You: ");
+    term.type_keys("hello there\r");
+    term.wait_for(" tokens/s, context ");
+    term.wait_for("You: ");
+    term.type_keys("/res\t\r");
+    term.wait_for(synthia_bot::core::text::RESET_DONE);
+    term.wait_for("You: ");
+    let screen = term.leave();
+    assert!(
+        screen.contains("/reset"),
+        "Tab completed the command:\n{screen}"
+    );
+    for log_line in ["INFO", "model loaded", "reply generated"] {
+        assert!(
+            !screen.contains(log_line),
+            "{log_line:?} on the screen:\n{screen}"
+        );
+    }
+    let log = std::fs::read_to_string(env.dir.path().join("chat.log")).unwrap();
+    assert!(log.contains("model loaded"), "{log}");
+
+    // A new run: the up arrow twice goes back past `/reset ` to the last question.
+    let mut term = Terminal::start(&env);
+    term.wait_for("You: ");
+    term.type_keys("\x1b[A\x1b[A\r");
+    term.wait_for(" tokens/s, context ");
+    term.wait_for("You: ");
+    let screen = term.leave();
+    assert!(!screen.contains("^[[A"), "{screen}");
+    let exported = env.export();
+    let asked: Vec<&str> = exported
+        .iter()
+        .filter_map(|e| e["prompt"].as_str())
+        .collect();
+    assert_eq!(
+        asked,
+        ["first line \nsecond line", "hello there", "hello there"],
+        "{screen}"
+    );
+}

@@ -5,6 +5,9 @@
 use std::ops::RangeInclusive;
 
 /// Temperatures a conversation may be set to (0 = greedy); the configuration allows the same.
+/// Every command's name as typed after the prefix, for completion and help.
+pub const COMMAND_NAMES: &[&str] = &["ask", "reset", "forget", "system", "stop", "help", "set"];
+
 pub const TEMPERATURE_RANGE: RangeInclusive<f64> = 0.0..=5.0;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -205,5 +208,15 @@ mod tests {
         assert!(!parse("system").unwrap().needs_admin());
         assert!(!parse("stop").unwrap().needs_admin());
         assert!(!parse("ask hi").unwrap().needs_admin());
+    }
+
+    #[test]
+    fn every_listed_name_is_a_command() {
+        for name in COMMAND_NAMES {
+            assert!(
+                !matches!(parse(name), Err(CommandError::Unknown(_))),
+                "{name} is listed but not parsed"
+            );
+        }
     }
 }

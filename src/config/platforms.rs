@@ -24,12 +24,19 @@ pub struct AccessSettings {
 pub struct ConsoleSettings {
     /// Display name of the terminal user in the database.
     pub user_name: String,
+    /// Where the interactive chat keeps what was typed, across runs; empty: nowhere.
+    pub history: String,
+    /// Where the interactive chat logs (the screen holds only the conversation unless
+    /// `chat --verbose`); empty: warnings and errors on stderr.
+    pub log_file: String,
 }
 
 impl Default for ConsoleSettings {
     fn default() -> Self {
         Self {
             user_name: "operator".into(),
+            history: "data/chat-history".into(),
+            log_file: "data/chat.log".into(),
         }
     }
 }

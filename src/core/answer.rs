@@ -289,21 +289,21 @@ impl Assistant {
             FinishReason::Cancelled => Status::Cancelled,
             FinishReason::Error => Status::Failed,
         };
-        self.observer().answered(
-            msg.key.platform,
-            &ReplyReport {
-                finish: result.finish,
-                prompt_tokens: result.prompt_tokens,
-                reused_tokens: result.reused_tokens,
-                completion_tokens: result.completion_tokens,
-                // A reply whose first token ended it streamed nothing: its first token came
-                // with the result.
-                time_to_first_token: first_token
-                    .or_else(|| (result.time_to_first_token.is_some()).then(|| arrived.elapsed())),
-                generation_time: result.prefill_time + result.decode_time,
-                trimmed_turns: prepared.built.trimmed_turns,
-            },
-        );
+        let report = ReplyReport {
+            finish: result.finish,
+            prompt_tokens: result.prompt_tokens,
+            reused_tokens: result.reused_tokens,
+            completion_tokens: result.completion_tokens,
+            // A reply whose first token ended it streamed nothing: its first token came
+            // with the result.
+            time_to_first_token: first_token
+                .or_else(|| (result.time_to_first_token.is_some()).then(|| arrived.elapsed())),
+            generation_time: result.prefill_time + result.decode_time,
+            decode_time: result.decode_time,
+            trimmed_turns: prepared.built.trimmed_turns,
+        };
+        self.observer().answered(msg.key.platform, &report);
+        sink.answered(&report).await;
         if result.finish == FinishReason::Error {
             self.observer().error(msg.key.platform, "generation");
         }

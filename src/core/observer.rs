@@ -19,6 +19,8 @@ pub struct ReplyReport {
     /// The worker's own time, from taking the request to its last token: the queue before it
     /// and the platform's edits after it are not included.
     pub generation_time: Duration,
+    /// The part of it spent writing the reply, after the prompt was read.
+    pub decode_time: Duration,
     /// Old turns left out of the prompt to fit the context window.
     pub trimmed_turns: usize,
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::ReplyReport;
 use crate::chat::Shown;
 use crate::inference::FinishReason;
 
@@ -26,6 +27,8 @@ pub trait ReplySink: Send + Sync {
     async fn shown(&self) -> Option<Shown> {
         None
     }
+    /// What the reply cost, once it is written (before its final text is shown).
+    async fn answered(&self, _report: &ReplyReport) {}
 }
 
 /// What became of a message, for adapters' bookkeeping and tests.

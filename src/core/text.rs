@@ -43,6 +43,28 @@ pub fn failed_after(written: &str, message: &str) -> String {
     }
 }
 
+/// The terminal chat's first line.
+pub fn chat_welcome(conversation: &str) -> String {
+    format!(
+        "synthia-bot chat: conversation {conversation}. /help lists commands, Tab completes them; end a line with \\ to go on, Ctrl-C stops a reply, Ctrl-D or /quit leaves."
+    )
+}
+
+/// The terminal chat, after Ctrl-C at its prompt.
+pub const CHAT_QUIT_HINT: &str = "(Ctrl-D or /quit leaves the chat)";
+
+/// The terminal chat's line after each reply: its length, its speed, and how full the context
+/// window is.
+pub fn chat_status(
+    tokens: usize,
+    per_second: Option<f64>,
+    context_used: usize,
+    context: usize,
+) -> String {
+    let speed = per_second.map_or(String::new(), |s| format!(", {s:.1} tokens/s"));
+    format!("[{tokens} tokens{speed}, context {context_used} of {context}]")
+}
+
 pub fn rate_limited(seconds: u64) -> String {
     format!("You're sending messages faster than I can answer. Try again in {seconds} s.")
 }
