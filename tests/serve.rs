@@ -115,7 +115,10 @@ async fn serves_discord_and_matrix_at_once() {
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
 
-    let mut cmd = serve(dir.path(), "2000");
+    // Long enough for a reply to be streaming when SIGTERM comes, short enough that a tiny model
+    // that rarely writes its end token answers every question within the wait: 2,000 tokens took
+    // 48 s for one reply under the full suite's load.
+    let mut cmd = serve(dir.path(), "400");
     with_discord(&mut cmd, &fake, DISCORD_TOKEN);
     with_matrix(
         &mut cmd,
