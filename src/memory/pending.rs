@@ -125,26 +125,16 @@ impl Store {
         since_ms: i64,
         before_ms: i64,
     ) -> Result<Vec<Unanswered>> {
-        let sql = format!(
-            "SELECT {}, {PENDING_COLUMNS}
-             FROM messages m JOIN conversations c ON c.id = m.conversation_id
-             WHERE m.role = 'user' AND c.platform = $1 AND m.created_at >= $2
-               AND m.created_at < $3 AND COALESCE(m.accepted_by, 0) <> $4
-               AND m.id > c.reset_after
-               AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.reply_to = m.id)
-               AND NOT EXISTS (SELECT 1 FROM restart_notices n WHERE n.question_id = m.id)
-             ORDER BY m.id",
-            question_columns()
-        );
-        let rows: Vec<PendingRow> = on_pool!(&self.pool, |p| {
-            sqlx::query_as(AssertSqlSafe(sql))
-                .bind(platform.as_str())
-                .bind(since_ms)
-                .bind(before_ms)
-                .bind(self.run_id)
-                .fetch_all(p)
-                .await?
-        });
+        let rows: Vec<PendingRow> = self
+            .pending_rows(
+                "",
+                "",
+                "AND m.id > c.reset_after
+                 AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.reply_to = m.id)
+                 AND NOT EXISTS (SELECT 1 FROM restart_notices n WHERE n.question_id = m.id)",
+                (platform, since_ms, before_ms),
+            )
+            .await?;
         let mut taken = Vec::new();
         for row in self.taken_over(rows, |r| r).await? {
             taken.push(Unanswered {
@@ -166,26 +156,14 @@ impl Store {
         since_ms: i64,
         before_ms: i64,
     ) -> Result<Vec<Unshown>> {
-        let sql = format!(
-            "SELECT {}, {PENDING_COLUMNS}, r.id AS reply_id, r.content AS reply_content,
-                    r.status AS reply_status
-             FROM messages m JOIN conversations c ON c.id = m.conversation_id
-             JOIN messages r ON r.reply_to = m.id AND r.role = 'assistant'
-             WHERE m.role = 'user' AND c.platform = $1 AND m.created_at >= $2
-               AND m.created_at < $3 AND COALESCE(m.accepted_by, 0) <> $4
-               AND m.shown_in IS NOT NULL
-             ORDER BY m.id",
-            question_columns()
-        );
-        let rows: Vec<UnshownRow> = on_pool!(&self.pool, |p| {
-            sqlx::query_as(AssertSqlSafe(sql))
-                .bind(platform.as_str())
-                .bind(since_ms)
-                .bind(before_ms)
-                .bind(self.run_id)
-                .fetch_all(p)
-                .await?
-        });
+        let rows: Vec<UnshownRow> = self
+            .pending_rows(
+                ", r.id AS reply_id, r.content AS reply_content, r.status AS reply_status",
+                "JOIN messages r ON r.reply_to = m.id AND r.role = 'assistant'",
+                "AND m.shown_in IS NOT NULL",
+                (platform, since_ms, before_ms),
+            )
+            .await?;
         let mut taken = Vec::new();
         for row in self.taken_over(rows, |r| &r.pending).await? {
             let pending = Unanswered {
@@ -202,6 +180,41 @@ impl Store {
             });
         }
         Ok(taken)
+    }
+
+    /// The platform's questions accepted in `[since_ms, before_ms)` by runs other than this
+    /// one, oldest first, with the conversation and ownership columns, and `columns`, `join` and
+    /// `condition` added to the one query both lookups share.
+    async fn pending_rows<R>(
+        &self,
+        columns: &str,
+        join: &str,
+        condition: &str,
+        (platform, since_ms, before_ms): (Platform, i64, i64),
+    ) -> Result<Vec<R>>
+    where
+        R: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        let sql = format!(
+            "SELECT {}, {PENDING_COLUMNS}{columns}
+             FROM messages m JOIN conversations c ON c.id = m.conversation_id {join}
+             WHERE m.role = 'user' AND c.platform = $1 AND m.created_at >= $2
+               AND m.created_at < $3 AND COALESCE(m.accepted_by, 0) <> $4 {condition}
+             ORDER BY m.id",
+            question_columns()
+        );
+        Ok(on_pool!(&self.pool, |p| {
+            sqlx::query_as(AssertSqlSafe(sql))
+                .bind(platform.as_str())
+                .bind(since_ms)
+                .bind(before_ms)
+                .bind(self.run_id)
+                .fetch_all(p)
+                .await?
+        }))
     }
 
     /// The rows whose question this run took over: their accepting run is gone, and this run's
