@@ -49,6 +49,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill, decode, cache reuse, concurrency and memory.
     Bench(crate::bench::BenchArgs),
+    /// Quantise a safetensors model to GGUF as a first start does, timing it and its memory.
+    Quantize(crate::bench::quantize::QuantizeArgs),
     /// Time the memory operations on a reply's path on one or more databases, side by side.
     BenchMemory(crate::bench::memory::MemoryBenchArgs),
     /// Copy a whole memory into another database (e.g. SQLite to PostgreSQL); resumable.

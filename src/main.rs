@@ -74,6 +74,19 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
+            Command::Quantize(args) => {
+                let json = args.json;
+                let report =
+                    tokio::task::spawn_blocking(move || synthia_bot::bench::quantize::run(&args))
+                        .await??;
+                if json {
+                    serde_json::to_writer_pretty(std::io::stdout().lock(), &report)?;
+                    println!();
+                } else {
+                    synthia_bot::bench::quantize::print(&report);
+                }
+                Ok(())
+            }
         }
     });
     match result {

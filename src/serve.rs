@@ -171,7 +171,7 @@ async fn run(settings: Settings, config: Option<PathBuf>, instance: String) -> a
         l => Some(crate::metrics::serve(l, metrics.clone()).await?),
     };
     let store = open_store(&settings).await?;
-    let worker = match load_worker(&settings) {
+    let worker = match load_worker_extending_start(&settings) {
         Ok(w) => w,
         Err(e) => {
             store.close().await;
@@ -332,4 +332,30 @@ async fn run(settings: Settings, config: Option<PathBuf>, instance: String) -> a
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the model while telling systemd the start goes on: a first start downloads and
+/// quantises the model, which takes longer than any fixed start timeout.
+fn load_worker_extending_start(settings: &Settings) -> anyhow::Result<crate::inference::Worker> {
+    let notifier = Notifier::from_env();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let notifier = &notifier;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            loop {
+                notifier.extend_start(
+                    Duration::from_secs(90),
+                    "loading the model (a first start downloads and quantises it)",
+                );
+                if finished.recv_timeout(Duration::from_secs(30))
+                    != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    break;
+                }
+            }
+        });
+        let loaded = load_worker(settings);
+        drop(done);
+        loaded
+    })
 }

@@ -53,6 +53,15 @@ impl Notifier {
         self.send("READY=1\nSTATUS=serving");
     }
 
+    /// Still starting (a first start may download and quantise the model for many minutes):
+    /// systemd's start timeout moves `by` from now.
+    pub fn extend_start(&self, by: Duration, status: &str) {
+        self.send(&format!(
+            "EXTEND_TIMEOUT_USEC={}\nSTATUS={status}",
+            by.as_micros()
+        ));
+    }
+
     pub fn reloading(&self) {
         self.send("RELOADING=1\nSTATUS=reloading the configuration");
     }

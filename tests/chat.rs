@@ -30,6 +30,8 @@ impl Env {
         c.args(args)
             .current_dir(self.dir.path())
             .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
+            // The f32 weights as written; the tests of quantising at load remove this.
+            .env("SYNTHIA_BOT__MODEL__QUANTIZE", "none")
             .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", "16")
             .env("SYNTHIA_BOT__MODEL__THREADS", "1")
             .env("SYNTHIA_BOT__SAMPLING__TEMPERATURE", "0")
@@ -348,21 +350,40 @@ fn generate_prints_a_completion() {
     );
 }
 
-#[test]
-fn hub_repo_loads_from_the_local_cache_and_offline_errors_are_clear() {
-    let env = Env::new();
-    let home = env.dir.path().join("hf");
-    // The Hugging Face cache layout: refs/<revision> names a snapshot holding the files.
-    let repo_dir = home.join("hub/models--synthia-test--tiny");
+/// The Hugging Face cache layout under `home`: refs/main names a snapshot holding `files`
+/// (copied from the tiny model, or written as given). Returns the repo's cache folder.
+fn hub_cache(home: &std::path::Path, repo: &str, files: &[(&str, Option<&str>)]) -> PathBuf {
+    let repo_dir = home.join(format!("hub/models--{}", repo.replace('/', "--")));
     let snapshot = repo_dir.join("snapshots/0123456789abcdef");
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
     std::fs::write(repo_dir.join("refs/main"), "0123456789abcdef").unwrap();
-    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
-        std::fs::copy(common::tiny_hf().join(file), snapshot.join(file)).unwrap();
+    for (file, text) in files {
+        match text {
+            Some(t) => std::fs::write(snapshot.join(file), t).unwrap(),
+            None => {
+                std::fs::copy(common::tiny_hf().join(file), snapshot.join(file)).unwrap();
+            }
+        }
     }
-    let run = |repo: &str| {
-        env.command(&[
+    repo_dir
+}
+
+#[test]
+fn hub_repo_loads_from_the_local_cache_quantised_once_and_offline_errors_are_clear() {
+    let env = Env::new();
+    let home = env.dir.path().join("hf");
+    let repo_dir = hub_cache(
+        &home,
+        "synthia-test/tiny",
+        &[
+            ("config.json", None),
+            ("tokenizer.json", None),
+            ("model.safetensors", None),
+        ],
+    );
+    let run = |repo: Option<&str>| {
+        let mut c = env.command(&[
             "generate",
             "--prompt",
             "Hello",
@@ -370,30 +391,163 @@ fn hub_repo_loads_from_the_local_cache_and_offline_errors_are_clear() {
             "4",
             "--temperature",
             "0",
-        ])
-        .env_remove("SYNTHIA_BOT__MODEL__PATH")
-        .env("SYNTHIA_BOT__MODEL__REPO", repo)
-        .env("HF_HOME", &home)
-        // Nothing listens there: any download attempt fails at once.
-        .env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .output()
-        .unwrap()
+        ]);
+        c.env_remove("SYNTHIA_BOT__MODEL__PATH")
+            // As a first start has it: quantised at load on this CPU.
+            .env_remove("SYNTHIA_BOT__MODEL__QUANTIZE")
+            .env("HF_HOME", &home)
+            // Nothing listens there: any download attempt fails at once.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9");
+        match repo {
+            Some(r) => c.env("SYNTHIA_BOT__MODEL__REPO", r),
+            None => c.env_remove("SYNTHIA_BOT__MODEL__REPO"),
+        };
+        c.output().unwrap()
     };
-    let out = run("synthia-test/tiny");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(Some("synthia-test/tiny"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    assert!(err.contains("quantising the model to q4_k_m once"), "{err}");
+    // The copy lies beside the download, in the repo's cache folder, named for its revision.
+    let copies: Vec<PathBuf> = std::fs::read_dir(repo_dir.join("synthia-bot"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let name = copies[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with("tiny-") && name.ends_with("-q4_k_m-0123456789ab.gguf"),
+        "{name}"
+    );
+    let written = std::fs::metadata(&copies[0]).unwrap().modified().unwrap();
+    let first_text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // A later start loads the copy as it is.
+    let out = run(Some("synthia-test/tiny"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("using the quantised copy an earlier start wrote"),
+        "{err}"
+    );
+    assert!(!err.contains("quantising the model"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&copies[0]).unwrap().modified().unwrap(),
+        written
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), first_text);
 
-    let out = run("synthia-test/not-downloaded");
+    let out = run(Some("synthia-test/not-downloaded"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot fetch config.json from Hugging Face repo synthia-test/not-downloaded")
             && err.contains("offline"),
         "{err}"
+    );
+    // With nothing configured, the model card's model is the one fetched.
+    let out = run(None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot fetch config.json from Hugging Face repo migtissera/Synthia-7B"),
+        "{err}"
+    );
+}
+
+/// A stand-in for the hub's API on loopback: answers every request with `body` (JSON) and
+/// records the paths asked for.
+fn fake_hub(body: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            log.lock()
+                .unwrap()
+                .push(line.split(' ').nth(1).unwrap_or("").to_string());
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                    break;
+                }
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn a_download_that_cannot_fit_is_refused_before_it_starts() {
+    let env = Env::new();
+    let home = env.dir.path().join("hf");
+    let index = r#"{"metadata": {}, "weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors"}}"#;
+    hub_cache(
+        &home,
+        "synthia-test/huge",
+        &[
+            ("config.json", None),
+            ("tokenizer.json", None),
+            ("model.safetensors.index.json", Some(index)),
+        ],
+    );
+    // The hub says each shard is 300 TB: more than any disk here.
+    let shard = 300_000_000_000_000u64;
+    let body = serde_json::json!({
+        "sha": "0123456789abcdef",
+        "siblings": [
+            {"rfilename": "config.json", "size": 600},
+            {"rfilename": "model-00001-of-00002.safetensors", "size": shard, "lfs": {"size": shard}},
+            {"rfilename": "model-00002-of-00002.safetensors", "size": shard, "lfs": {"size": shard}},
+        ]
+    })
+    .to_string();
+    let (url, seen) = fake_hub(body);
+    let out = env
+        .command(&["generate", "--prompt", "Hello", "--max-new-tokens", "2"])
+        .env_remove("SYNTHIA_BOT__MODEL__PATH")
+        .env("SYNTHIA_BOT__MODEL__REPO", "synthia-test/huge")
+        .env("HF_HOME", &home)
+        .env("HF_ENDPOINT", &url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("downloading synthia-test/huge needs 545.7 TiB in")
+            && err.contains("but only")
+            && err.contains("is free there"),
+        "{err}"
+    );
+    let asked = seen.lock().unwrap().clone();
+    assert!(
+        asked.iter().all(|p| !p.contains("safetensors")),
+        "no shard was fetched: {asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .any(|p| p.starts_with("/api/models/synthia-test/huge")),
+        "{asked:?}"
     );
 }
 

@@ -795,6 +795,7 @@ fn serve_command(
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_synthia-bot"));
     c.current_dir(dir)
         .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
+        .env("SYNTHIA_BOT__MODEL__QUANTIZE", "none")
         .env("SYNTHIA_BOT__MODEL__THREADS", "1")
         .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", max_new)
         .env("SYNTHIA_BOT__MEMORY__DATABASE", db)

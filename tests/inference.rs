@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
-use synthia_bot::config::DTypeChoice;
+use synthia_bot::config::{DTypeChoice, QuantizeChoice};
 use synthia_bot::inference::{
     FinishReason, GenerationEvent, GenerationRequest, LoadError, LoadOptions, SamplingParams,
     Worker, WorkerError, WorkerOptions, load,
@@ -115,7 +115,14 @@ fn prompt_ids(text: &str) -> Vec<u32> {
 
 /// Token ids of a greedy run, through our model with its cache, step by step.
 fn our_greedy(path: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
-    let loaded = load(path, &opts()).unwrap();
+    greedy_of(&load(path, &opts()).unwrap(), prompt, n)
+}
+
+fn greedy_of(
+    loaded: &synthia_bot::inference::LoadedModel,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<f32>) {
     let model = &loaded.model;
     let mut cache = model.new_cache();
     let mut logits = model.forward(prompt, &mut cache).unwrap();
@@ -728,4 +735,125 @@ fn chunked_prefill_in_the_worker_equals_one_shot() {
         .blocking_finish();
     assert_eq!(a.tokens, b.tokens);
     assert!(!a.tokens.is_empty());
+}
+
+fn mtime(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
+}
+
+/// Every tensor of `a` is in `b` with the same type, shape and bytes, in the same order.
+fn assert_same_tensors(a: &Path, b: &Path) {
+    use candle_core::quantized::gguf_file::Content;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (ca, cb) = (
+        Content::read(&mut fa).unwrap(),
+        Content::read(&mut fb).unwrap(),
+    );
+    let mut names: Vec<&String> = ca.tensor_infos.keys().collect();
+    names.sort();
+    let mut other: Vec<&String> = cb.tensor_infos.keys().collect();
+    other.sort();
+    assert_eq!(names, other);
+    for name in names {
+        let ta = ca.tensor(&mut fa, name, &Device::Cpu).unwrap();
+        let tb = cb.tensor(&mut fb, name, &Device::Cpu).unwrap();
+        assert_eq!(ta.dtype(), tb.dtype(), "{name}");
+        assert_eq!(ta.shape(), tb.shape(), "{name}");
+        assert!(
+            ta.data().unwrap() == tb.data().unwrap(),
+            "{name}: bytes differ"
+        );
+    }
+}
+
+#[test]
+fn safetensors_quantised_at_load_equal_our_gguf_files_and_are_written_once() {
+    let prompt = prompt_ids("SYSTEM: You are Synthia.\nUSER: Name three colours.\nASSISTANT:");
+    let cache = tempfile::tempdir().unwrap();
+    for (choice, preset) in [
+        (QuantizeChoice::Q8_0, "q8_0"),
+        (QuantizeChoice::Q4KM, "q4_k_m"),
+    ] {
+        let qopts = LoadOptions {
+            quantize: choice,
+            quantized_dir: cache.path().to_path_buf(),
+            ..opts()
+        };
+        let first = load(&common::tiny_hf(), &qopts).unwrap();
+        let copy = first.quantized.clone().expect("quantised at load");
+        assert!(!copy.reused, "{preset}: the first load writes the copy");
+        assert!(
+            copy.file.starts_with(cache.path()),
+            "{}",
+            copy.file.display()
+        );
+        assert!(copy.file.to_string_lossy().contains(preset));
+        let written = mtime(&copy.file);
+        // The tensors are those our writer puts in a GGUF of that type, byte for byte, and
+        // the greedy ids are the same.
+        assert_same_tensors(&copy.file, &common::tiny_gguf(preset));
+        let want = greedy_of(
+            &load(&common::tiny_gguf(preset), &opts()).unwrap(),
+            &prompt,
+            16,
+        )
+        .0;
+        assert_eq!(greedy_of(&first, &prompt, 16).0, want, "{preset}");
+        drop(first);
+        std::thread::sleep(Duration::from_millis(20));
+        let second = load(&common::tiny_hf(), &qopts).unwrap();
+        let again = second.quantized.clone().unwrap();
+        assert!(again.reused, "{preset}: the second load reuses the copy");
+        assert_eq!(again.file, copy.file);
+        assert_eq!(mtime(&copy.file), written, "{preset}: not written again");
+        assert_eq!(greedy_of(&second, &prompt, 16).0, want);
+    }
+    let files = |dir: &Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(files(cache.path()).len(), 2, "one copy per quantisation");
+
+    // A changed source writes a new copy instead of reusing the old one.
+    let source = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(common::tiny_hf()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), source.path().join(entry.file_name())).unwrap();
+    }
+    let qopts = LoadOptions {
+        quantize: QuantizeChoice::Q8_0,
+        quantized_dir: cache.path().to_path_buf(),
+        ..opts()
+    };
+    let before = load(source.path(), &qopts).unwrap().quantized.unwrap();
+    assert!(!before.reused);
+    let config = source.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n")).unwrap();
+    let after = load(source.path(), &qopts).unwrap().quantized.unwrap();
+    assert!(!after.reused, "a changed config is a new revision");
+    assert_ne!(after.file, before.file);
+    // CUDA is the only place `auto` leaves the weights dense; on the CPU it quantises.
+    let auto = load(
+        source.path(),
+        &LoadOptions {
+            quantize: QuantizeChoice::Auto,
+            ..qopts.clone()
+        },
+    )
+    .unwrap();
+    assert!(
+        auto.quantized
+            .unwrap()
+            .file
+            .to_string_lossy()
+            .contains("q4_k_m")
+    );
 }

@@ -62,6 +62,7 @@ impl BotSetup {
         cmd.arg("serve")
             .current_dir(&self.dir)
             .env("SYNTHIA_BOT__MODEL__PATH", common::tiny_hf())
+            .env("SYNTHIA_BOT__MODEL__QUANTIZE", "none")
             .env("SYNTHIA_BOT__MODEL__THREADS", "1")
             .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", self.max_new_tokens)
             .env("SYNTHIA_BOT__MEMORY__DATABASE", self.db())

@@ -139,17 +139,30 @@ async fn serves_discord_and_matrix_at_once() {
     .env("SYNTHIA_BOT__SERVICE__INSTANCE", "serve-test-1");
     let mut daemon = Daemon::spawn(cmd);
 
-    let (ready, ready_at) = tokio::task::spawn_blocking(move || {
+    // While the model loads the start timeout is extended (a first start downloads and
+    // quantises it); readiness comes after.
+    let (before, ready, ready_at) = tokio::task::spawn_blocking(move || {
         let mut buf = [0u8; 512];
-        let n = notify.recv(&mut buf).expect("a readiness notification");
-        (
-            String::from_utf8_lossy(&buf[..n]).to_string(),
-            Instant::now(),
-        )
+        let mut before = Vec::new();
+        loop {
+            let n = notify.recv(&mut buf).expect("a readiness notification");
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            if text.contains("READY=1") {
+                return (before, text, Instant::now());
+            }
+            before.push(text);
+        }
     })
     .await
     .unwrap();
     assert!(ready.contains("READY=1"), "{ready}");
+    assert!(
+        before
+            .first()
+            .is_some_and(|m| m.contains("EXTEND_TIMEOUT_USEC=90000000")
+                && m.contains("STATUS=loading the model")),
+        "{before:?}"
+    );
     // Readiness only after start-up: Discord's token was checked and Matrix logged in (the
     // session is saved before the adapter reports itself connected).
     let token_checked = fake

@@ -3,6 +3,7 @@
 //! engine from outside, like any other caller.
 
 pub mod memory;
+pub mod quantize;
 pub mod random_model;
 mod report;
 
@@ -24,6 +25,21 @@ use crate::inference::{
     Worker, WorkerOptions, load,
 };
 
+/// Where random-weight models come from and go.
+#[derive(Debug, Args)]
+pub struct RandomFiles {
+    /// Tokenizer for random models.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "tests/fixtures/llama2-tokenizer/tokenizer.json"
+    )]
+    pub tokenizer: PathBuf,
+    /// Where random models are written and reused.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// A model directory or .gguf file to measure.
@@ -35,16 +51,8 @@ pub struct BenchArgs {
     /// With --random: write it as GGUF of this type instead of safetensors.
     #[arg(long, value_parser = ["q4_k_m", "q8_0", "f16", "f32"], requires = "random")]
     pub gguf: Option<String>,
-    /// Tokenizer for random models.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "tests/fixtures/llama2-tokenizer/tokenizer.json"
-    )]
-    pub tokenizer: PathBuf,
-    /// Where random models are written and reused.
-    #[arg(long, value_name = "DIR")]
-    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub random_files: RandomFiles,
     /// CPU threads (default: model.threads from the configuration).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -67,6 +75,10 @@ pub struct BenchArgs {
     /// reference for our forward pass.
     #[arg(long)]
     pub reference: bool,
+    /// Only prefill, decode and the concurrency figures (batched): what a side-by-side run
+    /// with another engine compares (`scripts/bench-vs-llama-cpp`).
+    #[arg(long)]
+    pub speed_only: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -111,7 +123,7 @@ pub fn rss_bytes() -> u64 {
     proc_status_bytes("VmRSS:")
 }
 
-fn proc_status_bytes(field: &str) -> u64 {
+pub(crate) fn proc_status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -124,17 +136,19 @@ fn proc_status_bytes(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The seed of the benchmarks' random models.
+const RANDOM_SEED: u64 = 20_240_601;
+
 fn write_random_once(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathBuf> {
     let shape = random_model::named_shape(shape_name).context("unknown shape")?;
-    if !args.tokenizer.exists() {
+    if !args.random_files.tokenizer.exists() {
         bail!(
             "tokenizer {} not found; pass --tokenizer with the Llama-2 tokenizer.json",
-            args.tokenizer.display()
+            args.random_files.tokenizer.display()
         );
     }
-    let dir = args.dir.clone().unwrap_or_else(default_dir);
+    let dir = args.random_files.dir.clone().unwrap_or_else(default_dir);
     std::fs::create_dir_all(&dir)?;
-    const SEED: u64 = 20_240_601;
     match &args.gguf {
         Some(preset) => {
             let folder = dir.join(format!(
@@ -149,8 +163,14 @@ fn write_random_once(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathB
                     file.display()
                 );
                 let p = GgufPreset::parse(preset).context("unknown GGUF type")?;
-                random_model::write_gguf(&file, &shape, SEED, p)?;
-                std::fs::copy(&args.tokenizer, folder.join("tokenizer.json"))?;
+                random_model::write_gguf(
+                    &file,
+                    &shape,
+                    RANDOM_SEED,
+                    p,
+                    &args.random_files.tokenizer,
+                )?;
+                std::fs::copy(&args.random_files.tokenizer, folder.join("tokenizer.json"))?;
             }
             Ok(file)
         }
@@ -166,7 +186,14 @@ fn write_random_once(args: &BenchArgs, shape_name: &str) -> anyhow::Result<PathB
                 } else {
                     DType::F32
                 };
-                random_model::write_hf_dir(&folder, &shape, SEED, &args.tokenizer, 1, dtype)?;
+                random_model::write_hf_dir(
+                    &folder,
+                    &shape,
+                    RANDOM_SEED,
+                    &args.random_files.tokenizer,
+                    1,
+                    dtype,
+                )?;
             }
             Ok(folder)
         }
@@ -204,6 +231,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             _ => DTypeChoice::Auto,
         },
         tokenizer: None,
+        ..LoadOptions::default()
     };
     let t0 = Instant::now();
     let loaded = load(&path, &opts)?;
@@ -213,8 +241,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let tok = loaded.tokenizer.clone();
     let ctx = model.shape.max_position;
 
+    // The first forward repacks quantised weights for the CPU kernels, once: timed apart, so
+    // the prefill figure below is what every later prompt gets.
+    let t = Instant::now();
+    {
+        let mut warm = model.new_cache();
+        let (l, _) = model.prefill(&synthetic_prompt(&tok, 16)?, &mut warm, 512)?;
+        model.forward(&[argmax(&l)?], &mut warm)?;
+    }
+    let warmup = t.elapsed();
     // Prefill, then decode greedily from it (ignoring end-of-sequence: this measures speed).
-    let prompt = synthetic_prompt(&tok, args.prompt_tokens.min(ctx / 2))?;
+    let room = ctx.saturating_sub(args.decode_tokens + 1).max(1);
+    let prompt = synthetic_prompt(&tok, args.prompt_tokens.min(room))?;
     let mut cache = model.new_cache();
     let t = Instant::now();
     let (mut logits, _) = model.prefill(&prompt, &mut cache, 512)?;
@@ -228,24 +266,28 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let model_rss_bytes = rss_bytes();
 
     // A 30-token follow-up on a 1,000-token history, with and without the cached history.
-    let history = synthetic_prompt(&tok, 1000.min(ctx - 64))?;
-    let follow: Vec<u32> = history
-        .iter()
-        .copied()
-        .chain(synthetic_prompt(&tok, 31)?.into_iter().skip(1))
-        .collect();
-    let mut cached = model.new_cache();
-    model.prefill(&history, &mut cached, 512)?;
-    let t = Instant::now();
-    let (l, _) = model.prefill(&follow, &mut cached, 512)?;
-    argmax(&l)?;
-    let ttft_cached = t.elapsed();
-    let mut fresh = model.new_cache();
-    let t = Instant::now();
-    let (l, _) = model.prefill(&follow, &mut fresh, 512)?;
-    argmax(&l)?;
-    let ttft_uncached = t.elapsed();
-    drop((cache, cached, fresh));
+    let (ttft_cached, ttft_uncached) = if args.speed_only {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        let history = synthetic_prompt(&tok, 1000.min(ctx - 64))?;
+        let follow: Vec<u32> = history
+            .iter()
+            .copied()
+            .chain(synthetic_prompt(&tok, 31)?.into_iter().skip(1))
+            .collect();
+        let mut cached = model.new_cache();
+        model.prefill(&history, &mut cached, 512)?;
+        let t = Instant::now();
+        let (l, _) = model.prefill(&follow, &mut cached, 512)?;
+        argmax(&l)?;
+        let ttft_cached = t.elapsed();
+        let mut fresh = model.new_cache();
+        let t = Instant::now();
+        let (l, _) = model.prefill(&follow, &mut fresh, 512)?;
+        argmax(&l)?;
+        (ttft_cached, t.elapsed())
+    };
+    drop(cache);
 
     let reference = match (&loaded.format, args.reference) {
         (WeightFormat::Safetensors { dtype, files: 1 }, true) => Some(reference_decode(
@@ -282,6 +324,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     };
     let modes: &[bool] = if args.no_batching {
         &[false]
+    } else if args.speed_only {
+        &[true]
     } else {
         &[true, false]
     };
@@ -319,7 +363,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             });
         }
     }
-    let join_ttft_ms = if args.no_batching {
+    let join_ttft_ms = if args.no_batching || args.speed_only {
         None
     } else {
         worker.set_max_batch(max_batch);
@@ -359,6 +403,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         parameters: parameters(&shape),
         weight_bytes,
         load_s,
+        warmup_s: warmup.as_secs_f64(),
         prefill_tokens: prompt.len(),
         prefill_tokens_per_s: per_s(prompt.len(), prefill),
         decode_tokens: args.decode_tokens,

@@ -2,17 +2,23 @@
 //! for tests and `bench --random`. candle's own RNG cannot be seeded, so values come from our
 //! generator and the same seed always writes the same weights.
 
-use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::inference::LlamaShape;
+use crate::inference::load::gguf_vocab::tokenizer_metadata;
+use crate::inference::load::gguf_write::{PlannedTensor, WriteError, write_gguf_streaming};
 use crate::inference::load::names::{GlobalWeight, LayerWeight, Weight};
+use crate::inference::load::quantize::{
+    Quantization, llama_metadata, quantize_rows, to_gguf_layout,
+};
 
 /// Bumped whenever the generator's output changes, so cached test models are rewritten.
-pub const GENERATOR_VERSION: u32 = 1;
+/// 2: GGUF files carry the tokenizer, and Q4_K_M follows llama.cpp's mix.
+pub const GENERATOR_VERSION: u32 = 2;
 
 /// Named shapes: `tiny` for tests, `small` (about 134M parameters) for benchmarks, `7b` for
 /// Synthia-7B's real size.
@@ -64,27 +70,45 @@ fn random(rng: &mut Rng, dims: &[usize], scale: f32, offset: f32) -> candle_core
 
 /// The weights of a random model under Hugging Face names, generated in a fixed order.
 pub fn random_weights(shape: &LlamaShape, seed: u64) -> candle_core::Result<Vec<(String, Tensor)>> {
-    Ok(generate(shape, seed)?
+    let mut weights_gen = Generator::new(shape, seed);
+    weights_gen
+        .order()
         .into_iter()
-        .map(|(w, t)| (w.hf_name(), t))
-        .collect())
+        .map(|w| Ok((w.hf_name(), weights_gen.next(w)?)))
+        .collect()
 }
 
-/// Every weight in checkpoint order, each drawn from one seeded stream.
-fn generate(shape: &LlamaShape, seed: u64) -> candle_core::Result<Vec<(Weight, Tensor)>> {
-    let mut rng = Rng(seed);
-    let s = shape;
-    let h = s.hidden_size as f32;
-    let lin = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
-    let mut weights = vec![Weight::Global(GlobalWeight::Embed)];
-    for l in 0..s.num_layers {
-        weights.extend(LayerWeight::all().map(|w| Weight::Layer(l, w)));
+/// Every weight in checkpoint order, each drawn from one seeded stream, made one at a time so
+/// a 7B model is written without holding it.
+struct Generator {
+    rng: Rng,
+    shape: LlamaShape,
+}
+
+impl Generator {
+    fn new(shape: &LlamaShape, seed: u64) -> Self {
+        Self {
+            rng: Rng(seed),
+            shape: shape.clone(),
+        }
     }
-    weights.push(Weight::Global(GlobalWeight::Norm));
-    weights.push(Weight::Global(GlobalWeight::LmHead));
-    let mut out = Vec::with_capacity(weights.len());
-    for w in weights {
-        let dims = w.dims(s);
+
+    /// The order weights are drawn in (and written in).
+    fn order(&self) -> Vec<Weight> {
+        let mut weights = vec![Weight::Global(GlobalWeight::Embed)];
+        for l in 0..self.shape.num_layers {
+            weights.extend(LayerWeight::all().map(|w| Weight::Layer(l, w)));
+        }
+        weights.push(Weight::Global(GlobalWeight::Norm));
+        weights.push(Weight::Global(GlobalWeight::LmHead));
+        weights
+    }
+
+    /// The next weight of the stream; call in [`Self::order`].
+    fn next(&mut self, w: Weight) -> candle_core::Result<Tensor> {
+        let h = self.shape.hidden_size as f32;
+        let lin = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
+        let dims = w.dims(&self.shape);
         // Norms near 1, projections scaled by their fan-in (the columns).
         let (scale, offset) = match w {
             Weight::Global(GlobalWeight::Norm)
@@ -102,9 +126,8 @@ fn generate(shape: &LlamaShape, seed: u64) -> candle_core::Result<Vec<(Weight, T
                 | LayerWeight::Up,
             ) => (lin(dims[1]), 0.0),
         };
-        out.push((w, random(&mut rng, &dims, scale, offset)?));
+        random(&mut self.rng, &dims, scale, offset)
     }
-    Ok(out)
 }
 
 /// `config.json` of a Llama model of this shape.
@@ -129,7 +152,7 @@ pub fn hf_config(shape: &LlamaShape) -> serde_json::Value {
 }
 
 /// Writes a Hugging Face model directory: config.json, tokenizer.json and the weights in one
-/// file or `shards` files with an index.
+/// file or `shards` files with an index, one tensor in memory at a time.
 pub fn write_hf_dir(
     dir: &Path,
     shape: &LlamaShape,
@@ -144,54 +167,95 @@ pub fn write_hf_dir(
         serde_json::to_vec_pretty(&hf_config(shape))?,
     )?;
     std::fs::copy(tokenizer_json, dir.join("tokenizer.json"))?;
-    let weights = random_weights(shape, seed)?;
+    let ggml = match dtype {
+        DType::F32 => GgmlDType::F32,
+        DType::F16 => GgmlDType::F16,
+        DType::BF16 => GgmlDType::BF16,
+        other => anyhow::bail!("random safetensors in {other:?} are not supported"),
+    };
+    let mut weights_gen = Generator::new(shape, seed);
+    let order = weights_gen.order();
     let shards = shards.max(1);
-    if shards == 1 {
-        let map: HashMap<String, Tensor> = weights
-            .into_iter()
-            .map(|(n, t)| t.to_dtype(dtype).map(|t| (n, t)))
-            .collect::<candle_core::Result<_>>()?;
-        candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
-        return Ok(());
-    }
-    let per = weights.len().div_ceil(shards);
+    let per = order.len().div_ceil(shards);
     let mut weight_map = serde_json::Map::new();
-    for (i, chunk) in weights.chunks(per).enumerate() {
-        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
-        let mut map = HashMap::new();
-        for (name, t) in chunk {
+    for (i, chunk) in order.chunks(per).enumerate() {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+        };
+        let entries: Vec<(String, Vec<usize>)> =
+            chunk.iter().map(|w| (w.hf_name(), w.dims(shape))).collect();
+        for (name, _) in &entries {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
-            map.insert(name.clone(), t.to_dtype(dtype)?);
         }
-        candle_core::safetensors::save(&map, dir.join(&file))?;
+        write_safetensors_streaming(&dir.join(&file), &entries, ggml, |j| {
+            let t = weights_gen.next(chunk[j])?;
+            Ok(QTensor::quantize(&t, ggml)?.data()?.into_owned())
+        })?;
     }
-    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        serde_json::to_vec_pretty(&index)?,
-    )?;
+    if shards > 1 {
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_vec_pretty(&index)?,
+        )?;
+    }
     Ok(())
 }
 
-/// Reorders q/k rows the way llama.cpp's converter does, so interleaved rotary pairs in GGUF
-/// compute what half-split pairs compute on the Hugging Face layout.
-fn permute_for_gguf(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    let hd = rows / heads;
-    w.reshape((heads, 2, hd / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))
+/// Writes a safetensors file whose header (names, shapes, offsets) is known up front, asking
+/// `data(i)` for each tensor's bytes in order.
+fn write_safetensors_streaming(
+    path: &Path,
+    entries: &[(String, Vec<usize>)],
+    dtype: GgmlDType,
+    mut data: impl FnMut(usize) -> candle_core::Result<Vec<u8>>,
+) -> anyhow::Result<()> {
+    let (name, width) = match dtype {
+        GgmlDType::F32 => ("F32", 4),
+        GgmlDType::F16 => ("F16", 2),
+        GgmlDType::BF16 => ("BF16", 2),
+        other => anyhow::bail!("safetensors cannot hold {other:?}"),
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (tensor, dims) in entries {
+        let bytes = dims.iter().product::<usize>() * width;
+        header.insert(
+            tensor.clone(),
+            serde_json::json!({ "dtype": name, "shape": dims, "data_offsets": [offset, offset + bytes] }),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::to_vec(&header)?;
+    // The data starts 8-byte aligned.
+    while !(8 + text.len()).is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    w.write_all(&(text.len() as u64).to_le_bytes())?;
+    w.write_all(&text)?;
+    for (i, (tensor, dims)) in entries.iter().enumerate() {
+        let bytes = data(i)?;
+        anyhow::ensure!(
+            bytes.len() == dims.iter().product::<usize>() * width,
+            "tensor {tensor}: {} bytes for {dims:?}",
+            bytes.len()
+        );
+        w.write_all(&bytes)?;
+    }
+    w.flush()?;
+    Ok(())
 }
 
-/// GGUF quantisation presets: Q4_K_M keeps the output and value projections in Q6_K, like
-/// llama.cpp's preset.
+/// GGUF presets of the random models: dense, or quantised as models are at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufPreset {
     F32,
     F16,
-    Q8_0,
-    Q4KM,
+    Quantized(Quantization),
 }
 
 impl GgufPreset {
@@ -199,80 +263,53 @@ impl GgufPreset {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Some(Self::F32),
             "f16" => Some(Self::F16),
-            "q8_0" => Some(Self::Q8_0),
-            "q4_k_m" | "q4_k" => Some(Self::Q4KM),
+            "q8_0" => Some(Self::Quantized(Quantization::Q8_0)),
+            "q4_k_m" | "q4_k" => Some(Self::Quantized(Quantization::Q4KM)),
             _ => None,
         }
     }
 
-    fn dtype_for(self, weight: Weight) -> GgmlDType {
-        if weight.is_norm() {
-            return GgmlDType::F32;
-        }
+    fn dtype_for(self, weight: Weight, shape: &LlamaShape) -> GgmlDType {
         match self {
+            _ if weight.is_norm() => GgmlDType::F32,
             Self::F32 => GgmlDType::F32,
             Self::F16 => GgmlDType::F16,
-            Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4KM
-                if matches!(
-                    weight,
-                    Weight::Global(GlobalWeight::LmHead) | Weight::Layer(_, LayerWeight::V)
-                ) =>
-            {
-                GgmlDType::Q6K
-            }
-            Self::Q4KM => GgmlDType::Q4K,
+            Self::Quantized(q) => q.dtype_for(weight, shape.num_layers, &weight.dims(shape)),
         }
     }
 }
 
-/// Writes the same random weights as [`write_hf_dir`] as one GGUF file.
+/// Writes the same random weights as [`write_hf_dir`] as one GGUF file carrying the tokenizer
+/// (for our loader and llama.cpp's), one tensor in memory at a time.
 pub fn write_gguf(
     path: &Path,
     shape: &LlamaShape,
     seed: u64,
     preset: GgufPreset,
+    tokenizer_json: &Path,
 ) -> anyhow::Result<()> {
-    let weights = generate(shape, seed)?;
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(weights.len());
-    for (weight, t) in weights {
-        let t = match weight {
-            Weight::Layer(_, LayerWeight::Q) => permute_for_gguf(&t, shape.num_heads)?,
-            Weight::Layer(_, LayerWeight::K) => permute_for_gguf(&t, shape.num_kv_heads)?,
-            _ => t,
+    let mut metadata = llama_metadata(shape, "synthia-bot random test model");
+    let json = std::fs::read_to_string(tokenizer_json)?;
+    metadata.extend(tokenizer_metadata(&json, shape.vocab_size).map_err(anyhow::Error::msg)?);
+    let mut weights_gen = Generator::new(shape, seed);
+    let order = weights_gen.order();
+    let plan: Vec<PlannedTensor> = order
+        .iter()
+        .map(|&w| PlannedTensor {
+            name: w.gguf_name(),
+            dims: w.dims(shape),
+            dtype: preset.dtype_for(w, shape),
+        })
+        .collect();
+    write_gguf_streaming(path, &metadata, &plan, |i, planned| {
+        let fail = |e: candle_core::Error| WriteError::Tensor {
+            name: planned.name.clone(),
+            message: e.to_string(),
         };
-        let q = QTensor::quantize(&t, preset.dtype_for(weight))?;
-        tensors.push((weight.gguf_name(), q));
-    }
-    let u32v = |v: usize| gguf_file::Value::U32(v as u32);
-    let metadata: Vec<(&str, gguf_file::Value)> = vec![
-        (
-            "general.architecture",
-            gguf_file::Value::String("llama".into()),
-        ),
-        (
-            "general.name",
-            gguf_file::Value::String("synthia-bot random test model".into()),
-        ),
-        ("llama.context_length", u32v(shape.max_position)),
-        ("llama.embedding_length", u32v(shape.hidden_size)),
-        ("llama.feed_forward_length", u32v(shape.intermediate_size)),
-        ("llama.block_count", u32v(shape.num_layers)),
-        ("llama.attention.head_count", u32v(shape.num_heads)),
-        ("llama.attention.head_count_kv", u32v(shape.num_kv_heads)),
-        ("llama.rope.dimension_count", u32v(shape.head_dim)),
-        (
-            "llama.attention.layer_norm_rms_epsilon",
-            gguf_file::Value::F32(shape.rms_norm_eps as f32),
-        ),
-        (
-            "llama.rope.freq_base",
-            gguf_file::Value::F32(shape.rope_theta),
-        ),
-    ];
-    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    gguf_file::write(&mut file, &md, &ts)?;
+        let t = weights_gen.next(order[i]).map_err(fail)?;
+        let t = to_gguf_layout(order[i], t, shape).map_err(fail)?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        quantize_rows(&t, planned.dtype, threads).map_err(fail)
+    })?;
     Ok(())
 }

@@ -22,6 +22,9 @@ pub struct BenchReport {
     pub parameters: usize,
     pub weight_bytes: u64,
     pub load_s: f64,
+    /// The first forward (16 tokens and one step), which repacks quantised weights once; the
+    /// prefill figure is timed after it.
+    pub warmup_s: f64,
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
@@ -58,6 +61,11 @@ pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::R
         mib(r.weight_bytes)
     )?;
     writeln!(out, "load         {:.2} s", r.load_s)?;
+    writeln!(
+        out,
+        "first use    {:.2} s (16-token prefill and one step; repacks weights once)",
+        r.warmup_s
+    )?;
     writeln!(
         out,
         "prefill      {:.1} tokens/s ({} tokens)",

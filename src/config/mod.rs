@@ -17,7 +17,7 @@ mod service;
 mod size;
 
 pub use load::Sources;
-pub use model::{DTypeChoice, DeviceChoice, ModelSettings};
+pub use model::{DTypeChoice, DeviceChoice, ModelSettings, QuantizeChoice};
 pub use platforms::{
     AccessSettings, ConsoleSettings, DiscordSettings, MatrixSettings, ShardPlan, ShardSettings,
 };

@@ -28,6 +28,22 @@ pub enum DTypeChoice {
     Bf16,
 }
 
+/// Whether safetensors weights are quantised at load (GGUF files are used as they are).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+pub enum QuantizeChoice {
+    /// Q4_K_M on a CPU (a 7B model in f32 would need 27 GB), none on CUDA.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// The dense weights at `model.dtype`.
+    #[serde(rename = "none")]
+    None,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSettings {
@@ -44,6 +60,11 @@ pub struct ModelSettings {
     pub tokenizer_repo: String,
     pub device: DeviceChoice,
     pub dtype: DTypeChoice,
+    /// Quantising safetensors weights at load, into a GGUF copy made once and reused.
+    pub quantize: QuantizeChoice,
+    /// Where quantised copies are kept; empty: beside a download in the Hugging Face cache,
+    /// `data/quantized` for a local directory.
+    pub quantized_dir: String,
     pub context_length: u32,
     pub max_new_tokens: u32,
     /// CPU threads for inference; 0 = one per core.
@@ -69,6 +90,8 @@ impl Default for ModelSettings {
             tokenizer_repo: String::new(),
             device: DeviceChoice::Auto,
             dtype: DTypeChoice::Auto,
+            quantize: QuantizeChoice::Auto,
+            quantized_dir: String::new(),
             context_length: 4096,
             max_new_tokens: 512,
             threads: 0,

@@ -13,6 +13,8 @@ pub fn serve_command(dir: &std::path::Path, max_new: &str, grace: &str) -> tokio
     c.arg("serve")
         .current_dir(dir)
         .env("SYNTHIA_BOT__MODEL__PATH", super::tiny_hf())
+        // The f32 weights as written; quantising at load has tests of its own.
+        .env("SYNTHIA_BOT__MODEL__QUANTIZE", "none")
         .env("SYNTHIA_BOT__MODEL__THREADS", "1")
         .env("SYNTHIA_BOT__MODEL__MAX_NEW_TOKENS", max_new)
         .env("SYNTHIA_BOT__MEMORY__DATABASE", dir.join("bot.sqlite"))

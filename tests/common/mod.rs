@@ -75,6 +75,7 @@ pub fn tiny_gguf(preset: &str) -> PathBuf {
             &shape,
             SEED,
             GgufPreset::parse(preset).unwrap(),
+            &tokenizer_path(),
         )
     });
     dir.join("model.gguf")

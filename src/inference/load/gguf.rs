@@ -7,10 +7,13 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, gguf_file};
 use candle_core::{DType, Device};
 
-use super::hf::{eos_ids, load_tokenizer};
+use super::gguf_vocab::embedded_tokenizer;
+use super::hf::{eos_ids, load_tokenizer, tokenizer_path};
 use super::names::{GlobalWeight, LayerWeight};
+use super::quantize::KEY_EOS_IDS;
 use super::{LoadError, LoadOptions, LoadedModel, WeightFormat};
 use crate::inference::model::{Layer, LlamaModel, LlamaShape};
+use crate::inference::tokenizer::TextTokenizer;
 
 pub(super) fn load_gguf(
     path: &Path,
@@ -127,7 +130,37 @@ pub(super) fn load_gguf(
         }
     }
 
-    let tokenizer = load_tokenizer(path, opts.tokenizer.as_deref(), vocab)?;
+    // The tokenizer named, else the one beside the file, else the one the file carries.
+    let beside = tokenizer_path(path, opts.tokenizer.as_deref());
+    let tokenizer = match embedded_tokenizer(&content.metadata) {
+        Some(json) if opts.tokenizer.is_none() && !beside.exists() => {
+            let t =
+                TextTokenizer::from_bytes(json.as_bytes()).map_err(|e| LoadError::BadConfig {
+                    path: path.to_path_buf(),
+                    message: format!("the tokenizer it carries: {e}"),
+                })?;
+            if t.vocab_size() > vocab {
+                return Err(LoadError::VocabMismatch {
+                    model: vocab,
+                    tokenizer: t.vocab_size(),
+                });
+            }
+            t
+        }
+        _ => load_tokenizer(path, opts.tokenizer.as_deref(), vocab)?,
+    };
+    let config_eos: Option<serde_json::Value> = content
+        .metadata
+        .get(KEY_EOS_IDS)
+        .and_then(|v| v.to_vec().ok())
+        .map(|ids| {
+            serde_json::Value::Array(
+                ids.iter()
+                    .filter_map(|v| v.to_u32().ok())
+                    .map(serde_json::Value::from)
+                    .collect(),
+            )
+        });
     let mut qt = |name: &str| {
         content
             .tensor(&mut file, name, device)
@@ -197,7 +230,7 @@ pub(super) fn load_gguf(
         DType::F32,
     )
     .map_err(|e| read_err(e.to_string()))?;
-    let eos = eos_ids(None, &tokenizer);
+    let eos = eos_ids(config_eos.as_ref(), &tokenizer);
     let weight_bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
     Ok(LoadedModel {
         model,
@@ -208,5 +241,6 @@ pub(super) fn load_gguf(
         eos_ids: eos,
         source: path.to_path_buf(),
         weight_bytes,
+        quantized: None,
     })
 }

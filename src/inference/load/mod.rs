@@ -3,10 +3,15 @@
 //! names the file and what is wrong; nothing here panics on a bad checkpoint.
 
 mod gguf;
+pub mod gguf_vocab;
+pub mod gguf_write;
 mod hf;
 mod hub;
 pub mod names;
+pub mod progress;
+pub mod quantize;
 mod safetensors;
+mod space;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,14 +22,11 @@ pub use hf::{declared_context, tokenizer_path};
 
 use super::model::LlamaModel;
 use super::tokenizer::{TextTokenizer, TokenizerError};
-use crate::config::{DTypeChoice, DeviceChoice, ModelSettings};
+use crate::config::{DTypeChoice, DeviceChoice, ModelSettings, QuantizeChoice};
+use quantize::Quantization;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error(
-        "no model configured: set model.path to a model directory or .gguf file, or model.repo to a Hugging Face repo id"
-    )]
-    NotConfigured,
     #[error("model path {0} does not exist")]
     NotFound(PathBuf),
     #[error("{path}: {what}")]
@@ -62,7 +64,19 @@ pub enum LoadError {
         file: String,
         message: String,
     },
+    #[error(
+        "{what} needs {needed} in {dir} but only {free} is free there; free some space, or point the cache elsewhere (HF_HOME for downloads, model.quantized_dir for quantised copies)"
+    )]
+    NoSpace {
+        dir: PathBuf,
+        what: String,
+        needed: String,
+        free: String,
+    },
 }
+
+/// The model a first start uses when none is configured: the model card's.
+pub const DEFAULT_REPO: &str = "migtissera/Synthia-7B";
 
 /// How the weights are stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +96,8 @@ pub struct LoadedModel {
     pub source: PathBuf,
     /// Total size of the weight files.
     pub weight_bytes: u64,
+    /// The quantised copy the weights were loaded from, when quantised at load.
+    pub quantized: Option<quantize::Quantized>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +105,12 @@ pub struct LoadOptions {
     pub device: DeviceChoice,
     pub dtype: DTypeChoice,
     pub tokenizer: Option<PathBuf>,
+    /// Safetensors weights quantised at load (`Auto`: Q4_K_M on a CPU, none on CUDA).
+    pub quantize: QuantizeChoice,
+    /// Where quantised copies of local directories are kept.
+    pub quantized_dir: PathBuf,
+    /// Threads quantising; 0 = one per core.
+    pub threads: usize,
 }
 
 impl Default for LoadOptions {
@@ -97,29 +119,84 @@ impl Default for LoadOptions {
             device: DeviceChoice::Cpu,
             dtype: DTypeChoice::Auto,
             tokenizer: None,
+            quantize: QuantizeChoice::None,
+            quantized_dir: PathBuf::from(DEFAULT_QUANTIZED_DIR),
+            threads: 0,
         }
     }
 }
 
-/// Loads what the settings name: `model.path`, or `model.repo` through the local cache.
+/// Quantised copies of local model directories, when `model.quantized_dir` is empty.
+pub const DEFAULT_QUANTIZED_DIR: &str = "data/quantized";
+
+impl LoadOptions {
+    /// The options `settings` give.
+    pub fn from_settings(settings: &ModelSettings) -> Self {
+        Self {
+            device: settings.device,
+            dtype: settings.dtype,
+            tokenizer: (!settings.tokenizer.is_empty()).then(|| PathBuf::from(&settings.tokenizer)),
+            quantize: settings.quantize,
+            quantized_dir: PathBuf::from(if settings.quantized_dir.is_empty() {
+                DEFAULT_QUANTIZED_DIR
+            } else {
+                &settings.quantized_dir
+            }),
+            threads: settings.threads as usize,
+        }
+    }
+
+    /// The quantisation a safetensors model gets on `device`.
+    fn quantization(&self, device: &Device) -> Option<Quantization> {
+        match self.quantize {
+            QuantizeChoice::Auto if device.is_cpu() => Some(Quantization::Q4KM),
+            QuantizeChoice::Auto | QuantizeChoice::None => None,
+            QuantizeChoice::Q4KM => Some(Quantization::Q4KM),
+            QuantizeChoice::Q8_0 => Some(Quantization::Q8_0),
+        }
+    }
+}
+
+/// Loads what the settings name: `model.path`, or `model.repo` through the local cache, or
+/// with neither the model card's model ([`DEFAULT_REPO`]).
 pub fn load_from_settings(settings: &ModelSettings) -> Result<LoadedModel, LoadError> {
-    let opts = LoadOptions {
-        device: settings.device,
-        dtype: settings.dtype,
-        tokenizer: (!settings.tokenizer.is_empty()).then(|| PathBuf::from(&settings.tokenizer)),
-    };
+    let opts = LoadOptions::from_settings(settings);
     if !settings.path.is_empty() {
         return load(Path::new(&settings.path), &opts);
     }
-    if settings.repo.is_empty() {
-        return Err(LoadError::NotConfigured);
-    }
-    let fetched = hub::fetch_from_hub(settings)?;
+    let repo = if settings.repo.is_empty() {
+        tracing::info!(
+            repo = DEFAULT_REPO,
+            "no model configured: using the model card's"
+        );
+        DEFAULT_REPO
+    } else {
+        &settings.repo
+    };
+    let device = select_device(opts.device)?;
+    let fetched = hub::fetch_from_hub(settings, repo)?;
     let opts = LoadOptions {
         tokenizer: opts.tokenizer.or(fetched.tokenizer),
         ..opts
     };
-    load(&fetched.path, &opts)
+    if fetched.path.is_dir()
+        && let Some(q) = opts.quantization(&device)
+    {
+        // The copy lives in the repo's own cache folder, beside the download.
+        let source = quantize::Source {
+            id: repo.to_string(),
+            revision: fetched.revision.clone(),
+            dir: fetched.path.clone(),
+            tokenizer: opts.tokenizer.clone(),
+        };
+        let cache = if settings.quantized_dir.is_empty() {
+            fetched.repo_cache.join("synthia-bot")
+        } else {
+            PathBuf::from(&settings.quantized_dir)
+        };
+        return load_quantized(&source, q, &cache, &opts, &device);
+    }
+    load_on(&fetched.path, &opts, &device)
 }
 
 /// Loads a model directory or GGUF file.
@@ -128,6 +205,40 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
         return Err(LoadError::NotFound(path.to_path_buf()));
     }
     let device = select_device(opts.device)?;
+    if path.is_dir()
+        && let Some(q) = opts.quantization(&device)
+    {
+        let source = quantize::Source::local(path, opts.tokenizer.as_deref());
+        return load_quantized(&source, q, &opts.quantized_dir, opts, &device);
+    }
+    load_on(path, opts, &device)
+}
+
+/// Loads the quantised copy of `source`, writing it first if no earlier start did.
+fn load_quantized(
+    source: &quantize::Source,
+    q: Quantization,
+    cache: &Path,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let copy = quantize::quantized_copy(source, q, cache, threads)?;
+    // The copy embeds the tokenizer it was made with.
+    let opts = LoadOptions {
+        tokenizer: None,
+        ..opts.clone()
+    };
+    let mut loaded = gguf::load_gguf(&copy.file, &opts, device)?;
+    loaded.quantized = Some(copy);
+    Ok(loaded)
+}
+
+fn load_on(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedModel, LoadError> {
+    let device = device.clone();
     if path.is_dir() {
         safetensors::load_safetensors_dir(path, opts, &device)
     } else if path

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use super::hf::{eos_ids, load_tokenizer, read_hf_config};
-use super::names::{GlobalWeight, LayerWeight};
+use super::hf::{HfConfig, eos_ids, load_tokenizer, read_hf_config};
+use super::names::{GlobalWeight, LayerWeight, Weight};
 use super::{LoadError, LoadOptions, LoadedModel, WeightFormat, select_dtype};
 use crate::inference::model::{Layer, LlamaModel};
 
@@ -76,11 +76,21 @@ fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     })
 }
 
-pub(super) fn load_safetensors_dir(
-    dir: &Path,
-    opts: &LoadOptions,
-    device: &Device,
-) -> Result<LoadedModel, LoadError> {
+/// A checkpoint directory opened and checked: its config, its weight files memory-mapped, and
+/// every tensor's name and shape confirmed before any is read.
+pub(super) struct Checkpoint {
+    pub(super) cfg: HfConfig,
+    pub(super) files: Vec<PathBuf>,
+    st: candle_core::safetensors::MmapedSafetensors,
+    available: HashMap<String, (Vec<usize>, PathBuf)>,
+    /// The output projection is the embedding's (no `lm_head.weight` of its own).
+    pub(super) tied: bool,
+    /// The one weight file, or the directory when sharded, for messages.
+    weight_path: PathBuf,
+}
+
+/// A model directory's `config.json`, read and checked.
+pub(super) fn read_config(dir: &Path) -> Result<HfConfig, LoadError> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(LoadError::MissingFile {
@@ -88,82 +98,138 @@ pub(super) fn load_safetensors_dir(
             what: "missing: a model directory needs config.json".into(),
         });
     }
-    let cfg = read_hf_config(&config_path)?;
-    let tokenizer = load_tokenizer(dir, opts.tokenizer.as_deref(), cfg.vocab_size)?;
-    let files = safetensor_files(dir)?;
-    let dtype = select_dtype(opts.dtype, device);
-    let shape = cfg.shape();
+    read_hf_config(&config_path)
+}
 
-    // SAFETY: the files are memory-mapped read-only; we never write to them while mapped.
-    let st =
-        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-            LoadError::Read {
-                path: files[0].clone(),
-                message: e.to_string(),
-            }
-        })?;
-    // Check every name and shape first, so a broken checkpoint is one clear error.
-    let mut available: HashMap<String, (Vec<usize>, PathBuf)> = HashMap::new();
-    for file in &files {
-        // SAFETY: as above.
-        let one =
-            unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
+impl Checkpoint {
+    /// Opens the weights `cfg` (the directory's config) describes.
+    pub(super) fn open(dir: &Path, cfg: HfConfig) -> Result<Self, LoadError> {
+        let files = safetensor_files(dir)?;
+        let shape = cfg.shape();
+        // SAFETY: the files are memory-mapped read-only; we never write to them while mapped.
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
                 LoadError::Read {
-                    path: file.clone(),
+                    path: files[0].clone(),
                     message: e.to_string(),
                 }
             })?;
-        for (name, view) in one.tensors() {
-            available.insert(name, (view.shape().to_vec(), file.clone()));
+        // Check every name and shape first, so a broken checkpoint is one clear error.
+        let mut available: HashMap<String, (Vec<usize>, PathBuf)> = HashMap::new();
+        for file in &files {
+            // SAFETY: as above.
+            let one =
+                unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
+                    LoadError::Read {
+                        path: file.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+            for (name, view) in one.tensors() {
+                available.insert(name, (view.shape().to_vec(), file.clone()));
+            }
         }
-    }
-    let weight_path = if files.len() == 1 {
-        files[0].clone()
-    } else {
-        dir.to_path_buf()
-    };
-    let check = |name: &str, expected: &[usize]| -> Result<(), LoadError> {
-        match available.get(name) {
-            None => Err(LoadError::MissingTensor {
-                path: weight_path.clone(),
-                name: name.into(),
-            }),
-            Some((actual, file)) if actual != expected => Err(LoadError::WrongShape {
-                path: file.clone(),
-                name: name.into(),
-                expected: expected.to_vec(),
-                actual: actual.clone(),
-            }),
-            Some(_) => Ok(()),
+        let weight_path = if files.len() == 1 {
+            files[0].clone()
+        } else {
+            dir.to_path_buf()
+        };
+        let check = |name: &str, expected: &[usize]| -> Result<(), LoadError> {
+            match available.get(name) {
+                None => Err(LoadError::MissingTensor {
+                    path: weight_path.clone(),
+                    name: name.into(),
+                }),
+                Some((actual, file)) if actual != expected => Err(LoadError::WrongShape {
+                    path: file.clone(),
+                    name: name.into(),
+                    expected: expected.to_vec(),
+                    actual: actual.clone(),
+                }),
+                Some(_) => Ok(()),
+            }
+        };
+        let check_global = |g: GlobalWeight| check(g.hf(), &g.dims(&shape));
+        check_global(GlobalWeight::Embed)?;
+        check_global(GlobalWeight::Norm)?;
+        let tied = cfg.tie_word_embeddings && !available.contains_key(GlobalWeight::LmHead.hf());
+        if !tied {
+            check_global(GlobalWeight::LmHead)?;
         }
-    };
-    let check_global = |g: GlobalWeight| check(g.hf(), &g.dims(&shape));
-    check_global(GlobalWeight::Embed)?;
-    check_global(GlobalWeight::Norm)?;
-    let tied = cfg.tie_word_embeddings && !available.contains_key(GlobalWeight::LmHead.hf());
-    if !tied {
-        check_global(GlobalWeight::LmHead)?;
-    }
-    for l in 0..shape.num_layers {
-        for w in LayerWeight::all() {
-            check(&w.hf_name(l), &w.dims(&shape))?;
+        for l in 0..shape.num_layers {
+            for w in LayerWeight::all() {
+                check(&w.hf_name(l), &w.dims(&shape))?;
+            }
         }
+        Ok(Self {
+            cfg,
+            files,
+            st,
+            available,
+            tied,
+            weight_path,
+        })
     }
 
-    let get = |name: &str| -> Result<Tensor, LoadError> {
-        st.load(name, device)
+    /// Every weight the checkpoint holds, in checkpoint order (the output projection last,
+    /// unless it is the embedding's).
+    pub(super) fn weights(&self) -> Vec<Weight> {
+        let mut out = vec![Weight::Global(GlobalWeight::Embed)];
+        for l in 0..self.cfg.shape().num_layers {
+            out.extend(LayerWeight::all().map(|w| Weight::Layer(l, w)));
+        }
+        out.push(Weight::Global(GlobalWeight::Norm));
+        if !self.tied {
+            out.push(Weight::Global(GlobalWeight::LmHead));
+        }
+        out
+    }
+
+    /// One tensor, read from the mapped file and converted to `dtype` on `device`.
+    pub(super) fn tensor(
+        &self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor, LoadError> {
+        self.st
+            .load(name, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| LoadError::Read {
-                path: available
+                path: self
+                    .available
                     .get(name)
                     .map(|a| a.1.clone())
-                    .unwrap_or_else(|| weight_path.clone()),
+                    .unwrap_or_else(|| self.weight_path.clone()),
                 message: format!("tensor `{name}`: {e}"),
             })
-    };
+    }
+
+    /// Total size of the weight files.
+    pub(super) fn weight_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+pub(super) fn load_safetensors_dir(
+    dir: &Path,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
+    let cfg = read_config(dir)?;
+    let tokenizer = load_tokenizer(dir, opts.tokenizer.as_deref(), cfg.vocab_size)?;
+    let ckpt = Checkpoint::open(dir, cfg)?;
+    let cfg = &ckpt.cfg;
+    let dtype = select_dtype(opts.dtype, device);
+    let shape = cfg.shape();
+    let get = |name: &str| ckpt.tensor(name, device, dtype);
     let linear = |name: &str| -> Result<QMatMul, LoadError> { Ok(QMatMul::Tensor(get(name)?)) };
     let embed = QMatMul::Tensor(get(GlobalWeight::Embed.hf())?);
-    let lm_head = if tied {
+    let lm_head = if ckpt.tied {
         embed.clone()
     } else {
         linear(GlobalWeight::LmHead.hf())?
@@ -189,21 +255,17 @@ pub(super) fn load_safetensors_dir(
             path: dir.to_path_buf(),
             message: e.to_string(),
         })?;
-    let weight_bytes = files
-        .iter()
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .sum();
     let eos = eos_ids(cfg.eos_token_id.as_ref(), &tokenizer);
     Ok(LoadedModel {
         model,
         tokenizer: Arc::new(tokenizer),
         format: WeightFormat::Safetensors {
             dtype,
-            files: files.len(),
+            files: ckpt.files.len(),
         },
         eos_ids: eos,
         source: dir.to_path_buf(),
-        weight_bytes,
+        weight_bytes: ckpt.weight_bytes(),
+        quantized: None,
     })
 }
