@@ -171,7 +171,7 @@ async fn run(settings: Settings, config: Option<PathBuf>, instance: String) -> a
         l => Some(crate::metrics::serve(l, metrics.clone()).await?),
     };
     let store = open_store(&settings).await?;
-    let worker = match load_worker_extending_start(&settings) {
+    let worker = match extending_start(|| load_worker(&settings)) {
         Ok(w) => w,
         Err(e) => {
             store.close().await;
@@ -334,9 +334,9 @@ async fn run(settings: Settings, config: Option<PathBuf>, instance: String) -> a
     Ok(())
 }
 
-/// Loads the model while telling systemd the start goes on: a first start downloads and
-/// quantises the model, which takes longer than any fixed start timeout.
-fn load_worker_extending_start(settings: &Settings) -> anyhow::Result<crate::inference::Worker> {
+/// Runs `load` (loading the model) while telling systemd the start goes on: a first start
+/// downloads and quantises the model, which takes longer than any fixed start timeout.
+fn extending_start<T>(load: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let notifier = Notifier::from_env();
     let (done, finished) = std::sync::mpsc::channel::<()>();
     let notifier = &notifier;
@@ -354,7 +354,7 @@ fn load_worker_extending_start(settings: &Settings) -> anyhow::Result<crate::inf
                 }
             }
         });
-        let loaded = load_worker(settings);
+        let loaded = load();
         drop(done);
         loaded
     })

@@ -41,6 +41,25 @@ impl Env {
         c
     }
 
+    /// `generate` as a first start runs it: no model path, quantised at load on this CPU, the
+    /// Hugging Face cache in `home` and the hub at `endpoint`.
+    fn first_start(&self, home: &std::path::Path, endpoint: &str) -> Command {
+        let mut c = self.command(&[
+            "generate",
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ]);
+        c.env_remove("SYNTHIA_BOT__MODEL__PATH")
+            .env_remove("SYNTHIA_BOT__MODEL__QUANTIZE")
+            .env("HF_HOME", home)
+            .env("HF_ENDPOINT", endpoint);
+        c
+    }
+
     fn chat(&self, input: &str) -> Output {
         self.chat_with(&["chat"], input)
     }
@@ -383,21 +402,8 @@ fn hub_repo_loads_from_the_local_cache_quantised_once_and_offline_errors_are_cle
         ],
     );
     let run = |repo: Option<&str>| {
-        let mut c = env.command(&[
-            "generate",
-            "--prompt",
-            "Hello",
-            "--max-new-tokens",
-            "4",
-            "--temperature",
-            "0",
-        ]);
-        c.env_remove("SYNTHIA_BOT__MODEL__PATH")
-            // As a first start has it: quantised at load on this CPU.
-            .env_remove("SYNTHIA_BOT__MODEL__QUANTIZE")
-            .env("HF_HOME", &home)
-            // Nothing listens there: any download attempt fails at once.
-            .env("HF_ENDPOINT", "http://127.0.0.1:9");
+        // Nothing listens at port 9: any download attempt fails at once.
+        let mut c = env.first_start(&home, "http://127.0.0.1:9");
         match repo {
             Some(r) => c.env("SYNTHIA_BOT__MODEL__REPO", r),
             None => c.env_remove("SYNTHIA_BOT__MODEL__REPO"),
@@ -459,39 +465,163 @@ fn hub_repo_loads_from_the_local_cache_quantised_once_and_offline_errors_are_cle
     );
 }
 
-/// A stand-in for the hub's API on loopback: answers every request with `body` (JSON) and
-/// records the paths asked for.
-fn fake_hub(body: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::BufRead;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            log.lock()
-                .unwrap()
-                .push(line.split(' ').nth(1).unwrap_or("").to_string());
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                    break;
+/// The commit the fake hub serves.
+const HUB_COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+/// A stand-in for the Hugging Face hub on loopback, speaking what hf-hub asks: the repo's file
+/// list with sizes (`/api/models/…?blobs=true`), and each file under `/{repo}/resolve/main/…`
+/// with the commit and etag headers and byte ranges. `claimed` overrides the sizes the file
+/// list gives. Records the paths asked for.
+struct FakeHub {
+    url: String,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeHub {
+    fn start(files: Vec<(String, Vec<u8>)>, claimed: Vec<(String, u64)>) -> Self {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let files: std::collections::HashMap<String, Vec<u8>> = files.into_iter().collect();
+        let mut siblings: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(name, data)| serde_json::json!({"rfilename": name, "size": data.len()}))
+            .collect();
+        for (name, size) in &claimed {
+            siblings.retain(|s| s["rfilename"] != name.as_str());
+            siblings
+                .push(serde_json::json!({"rfilename": name, "size": size, "lfs": {"size": size}}));
+        }
+        let listing = serde_json::json!({"sha": HUB_COMMIT, "siblings": siblings}).to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                log.lock().unwrap().push(path.clone());
+                let mut range_from: Option<(usize, Option<usize>)> = None;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                        break;
+                    }
+                    let lower = header.to_ascii_lowercase();
+                    if let Some(r) = lower.strip_prefix("range: bytes=") {
+                        let (a, b) = r.trim().split_once('-').unwrap_or(("0", ""));
+                        range_from = Some((a.parse().unwrap_or(0), b.parse().ok()));
+                    }
+                }
+                let respond = |stream: &mut std::net::TcpStream,
+                               status: &str,
+                               headers: String,
+                               body: &[u8]| {
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(body);
+                };
+                if path.starts_with("/api/") {
+                    respond(
+                        &mut stream,
+                        "200 OK",
+                        "content-type: application/json\r\n".into(),
+                        listing.as_bytes(),
+                    );
+                    continue;
+                }
+                let file = path.split("/resolve/main/").nth(1).map(|f| f.to_string());
+                match file.as_ref().and_then(|f| files.get(f)) {
+                    None => respond(&mut stream, "404 Not Found", String::new(), b""),
+                    Some(data) => {
+                        let (from, to) = range_from.unwrap_or((0, None));
+                        let to = to
+                            .unwrap_or(data.len().saturating_sub(1))
+                            .min(data.len().saturating_sub(1));
+                        let body = &data[from.min(data.len())..=to];
+                        let headers = format!(
+                            "x-repo-commit: {HUB_COMMIT}\r\netag: \"etag-{}\"\r\ncontent-range: bytes {from}-{to}/{}\r\n",
+                            file.as_deref().unwrap_or("").replace('/', "-"),
+                            data.len()
+                        );
+                        respond(&mut stream, "206 Partial Content", headers, body);
+                    }
                 }
             }
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    (url, seen)
+        });
+        Self { url, asked }
+    }
+}
+
+#[test]
+fn a_first_start_downloads_with_progress_quantises_once_and_answers() {
+    let env = Env::new();
+    let home = env.dir.path().join("hf");
+    let names = ["config.json", "tokenizer.json", "model.safetensors"];
+    let files: Vec<(String, Vec<u8>)> = names
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                std::fs::read(common::tiny_hf().join(f)).unwrap(),
+            )
+        })
+        .collect();
+    let hub = FakeHub::start(files, Vec::new());
+    let out = env
+        .first_start(&home, &hub.url)
+        .env("SYNTHIA_BOT__MODEL__REPO", "synthia-test/fresh")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    // stderr is not a terminal: progress comes as lines.
+    for line in [
+        "downloading model.safetensors: starting, ",
+        "downloading model.safetensors: done, ",
+        "quantising to q4_k_m: starting, 21 tensors",
+        "quantising to q4_k_m: done, 21 tensors in ",
+    ] {
+        assert!(err.contains(line), "no `{line}` in: {err}");
+    }
+    let repo = home.join("hub/models--synthia-test--fresh");
+    let snapshot = repo.join(format!("snapshots/{HUB_COMMIT}"));
+    for name in names {
+        assert_eq!(
+            std::fs::read(snapshot.join(name)).unwrap(),
+            std::fs::read(common::tiny_hf().join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let copies: Vec<String> = std::fs::read_dir(repo.join("synthia-bot"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert!(
+        copies[0].ends_with(&format!("-q4_k_m-{}.gguf", &HUB_COMMIT[..12])),
+        "{copies:?}"
+    );
+    // The sizes were asked, and checked, before the weights were fetched.
+    let asked = hub.asked.lock().unwrap().clone();
+    let listing = asked
+        .iter()
+        .position(|p| p.starts_with("/api/models/synthia-test/fresh"));
+    let weights = asked
+        .iter()
+        .position(|p| p.ends_with("/resolve/main/model.safetensors"));
+    assert!(
+        matches!((listing, weights), (Some(l), Some(w)) if l < w),
+        "{asked:?}"
+    );
 }
 
 #[test]
@@ -512,22 +642,19 @@ fn a_download_that_cannot_fit_is_refused_before_it_starts() {
     );
     // The hub says each shard is 300 TB: more than any disk here.
     let shard = 300_000_000_000_000u64;
-    let body = serde_json::json!({
-        "sha": "0123456789abcdef",
-        "siblings": [
-            {"rfilename": "config.json", "size": 600},
-            {"rfilename": "model-00001-of-00002.safetensors", "size": shard, "lfs": {"size": shard}},
-            {"rfilename": "model-00002-of-00002.safetensors", "size": shard, "lfs": {"size": shard}},
-        ]
-    })
-    .to_string();
-    let (url, seen) = fake_hub(body);
+    let hub = FakeHub::start(
+        Vec::new(),
+        vec![
+            ("model-00001-of-00002.safetensors".into(), shard),
+            ("model-00002-of-00002.safetensors".into(), shard),
+        ],
+    );
     let out = env
         .command(&["generate", "--prompt", "Hello", "--max-new-tokens", "2"])
         .env_remove("SYNTHIA_BOT__MODEL__PATH")
         .env("SYNTHIA_BOT__MODEL__REPO", "synthia-test/huge")
         .env("HF_HOME", &home)
-        .env("HF_ENDPOINT", &url)
+        .env("HF_ENDPOINT", &hub.url)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -538,7 +665,7 @@ fn a_download_that_cannot_fit_is_refused_before_it_starts() {
             && err.contains("is free there"),
         "{err}"
     );
-    let asked = seen.lock().unwrap().clone();
+    let asked = hub.asked.lock().unwrap().clone();
     assert!(
         asked.iter().all(|p| !p.contains("safetensors")),
         "no shard was fetched: {asked:?}"

@@ -825,11 +825,15 @@ async fn serve_answers_and_shuts_down_cleanly_on_sigterm() {
         let notify = notify.clone();
         move || {
             let mut buf = [0u8; 512];
-            let n = notify.recv(&mut buf).expect("a notification");
-            (
-                String::from_utf8_lossy(&buf[..n]).to_string(),
-                Instant::now(),
-            )
+            // Start-timeout extensions while the model loads come first; they are checked in
+            // tests/serve.rs.
+            loop {
+                let n = notify.recv(&mut buf).expect("a notification");
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                if !text.contains("EXTEND_TIMEOUT_USEC") {
+                    return (text, Instant::now());
+                }
+            }
         }
     };
     let mut child = serve_command(&fake, dir.path(), &db, "2000")
