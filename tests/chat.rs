@@ -344,6 +344,14 @@ fn generate_prints_a_completion() {
         "--temperature",
         "0",
     ]);
+    // Loading the dense weights reports its progress too (stderr is not a terminal: lines).
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "loading model.safetensors: starting, 21 tensors",
+        "loading model.safetensors: done, 21 tensors in ",
+    ] {
+        assert!(err.contains(line), "no `{line}` in: {err}");
+    }
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(!text.trim().is_empty());
     let again = String::from_utf8(
@@ -589,9 +597,15 @@ fn a_first_start_downloads_with_progress_quantises_once_and_answers() {
         "downloading model.safetensors: done, ",
         "quantising to q4_k_m: starting, 21 tensors",
         "quantising to q4_k_m: done, 21 tensors in ",
+        ".gguf: starting, 21 tensors",
+        ".gguf: done, 21 tensors in ",
     ] {
         assert!(err.contains(line), "no `{line}` in: {err}");
     }
+    // Loading the copy is a step of its own, after the quantising.
+    let quantised = err.find("quantising to q4_k_m: done").unwrap();
+    let loading = err.rfind("loading fresh-").unwrap_or(0);
+    assert!(loading > quantised, "{err}");
     let repo = home.join("hub/models--synthia-test--fresh");
     let snapshot = repo.join(format!("snapshots/{HUB_COMMIT}"));
     for name in names {

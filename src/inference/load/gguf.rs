@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use super::gguf_vocab::embedded_tokenizer;
 use super::hf::{eos_ids, load_tokenizer, tokenizer_path};
 use super::names::{GlobalWeight, LayerWeight};
+use super::progress::{Progress, Unit, file_label};
 use super::quantize::KEY_EOS_IDS;
 use super::{LoadError, LoadOptions, LoadedModel, WeightFormat};
 use crate::inference::model::{Layer, LlamaModel, LlamaShape};
@@ -161,10 +162,20 @@ pub(super) fn load_gguf(
                     .collect(),
             )
         });
+    let lm_head_name = GlobalWeight::LmHead.gguf();
+    let has_lm_head = content.tensor_infos.contains_key(lm_head_name);
+    let tensors = 2 + LayerWeight::all().count() * num_layers + usize::from(has_lm_head);
+    let mut progress = Progress::new(
+        format!("loading {}", file_label(path)),
+        tensors as u64,
+        Unit::Tensors,
+    );
     let mut qt = |name: &str| {
-        content
+        let t = content
             .tensor(&mut file, name, device)
-            .map_err(|e| read_err(format!("tensor `{name}`: {e}")))
+            .map_err(|e| read_err(format!("tensor `{name}`: {e}")));
+        progress.advance(1);
+        t
     };
     let dense = |q: candle_core::quantized::QTensor| {
         q.dequantize(device).map_err(|e| read_err(e.to_string()))
@@ -180,8 +191,7 @@ pub(super) fn load_gguf(
     note(embed_q.dtype());
     let embed = QMatMul::from_qtensor(embed_q).map_err(|e| read_err(e.to_string()))?;
     let norm = dense(qt(GlobalWeight::Norm.gguf())?)?;
-    let lm_head_name = GlobalWeight::LmHead.gguf();
-    let lm_head = match content.tensor_infos.contains_key(lm_head_name) {
+    let lm_head = match has_lm_head {
         true => {
             let q = qt(lm_head_name)?;
             note(q.dtype());
@@ -219,6 +229,7 @@ pub(super) fn load_gguf(
             w_down,
         });
     }
+    progress.finish();
     let model = LlamaModel::new(
         shape,
         embed,

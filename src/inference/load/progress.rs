@@ -1,4 +1,4 @@
-//! Progress of the long steps of a first start (downloading, quantising) that a person can read:
+//! Progress of the long steps of a start (downloading, quantising, loading) that a person can read:
 //! a bar on a terminal, and on anything else (a log, a pipe, systemd's journal) a line every few
 //! seconds with how much is done, the speed and the time left.
 
@@ -157,6 +157,13 @@ fn amount_number(unit: Unit, n: u64) -> String {
         Unit::Bytes => bytes_words(n),
         Unit::Tensors => n.to_string(),
     }
+}
+
+/// A weight file's name (or a sharded model's folder name) for progress labels.
+pub fn file_label(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// `13.5 GB`-style sizes in binary units, as `df -h` shows them.

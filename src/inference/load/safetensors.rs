@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::hf::{HfConfig, eos_ids, load_tokenizer, read_hf_config};
 use super::names::{GlobalWeight, LayerWeight, Weight};
+use super::progress::{Progress, Unit, file_label};
 use super::{LoadError, LoadOptions, LoadedModel, WeightFormat, select_dtype};
 use crate::inference::model::{Layer, LlamaModel};
 
@@ -226,7 +227,16 @@ pub(super) fn load_safetensors_dir(
     let cfg = &ckpt.cfg;
     let dtype = select_dtype(opts.dtype, device);
     let shape = cfg.shape();
-    let get = |name: &str| ckpt.tensor(name, device, dtype);
+    let progress = std::cell::RefCell::new(Progress::new(
+        format!("loading {}", file_label(&ckpt.weight_path)),
+        ckpt.weights().len() as u64,
+        Unit::Tensors,
+    ));
+    let get = |name: &str| {
+        let t = ckpt.tensor(name, device, dtype);
+        progress.borrow_mut().advance(1);
+        t
+    };
     let linear = |name: &str| -> Result<QMatMul, LoadError> { Ok(QMatMul::Tensor(get(name)?)) };
     let embed = QMatMul::Tensor(get(GlobalWeight::Embed.hf())?);
     let lm_head = if ckpt.tied {
@@ -250,6 +260,7 @@ pub(super) fn load_safetensors_dir(
         });
     }
     let norm = get(GlobalWeight::Norm.hf())?;
+    progress.into_inner().finish();
     let model = LlamaModel::new(shape, embed, layers, norm, lm_head, false, device, dtype)
         .map_err(|e| LoadError::Read {
             path: dir.to_path_buf(),
