@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 
-use crate::config::{LogFormat, Settings, Sources};
-use crate::inference::{self, Worker, WorkerOptions};
+use crate::config::{BackendChoice, LogFormat, Settings, Sources};
+use crate::inference::{self, RemoteOptions, RemoteWorker, Worker, WorkerOptions};
 use crate::memory::{Store, redact_password};
 use std::path::Path;
 
@@ -103,7 +103,20 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The backend `inference.backend` names: the model loaded here, or the inference servers
+/// (with the model's tokenizer alone, to build and count prompts). Must run inside the async
+/// runtime.
 pub fn load_worker(settings: &Settings) -> anyhow::Result<Worker> {
+    if settings.inference.backend == BackendChoice::Openai {
+        let tokenizer = inference::load::tokenizer_from_settings(&settings.model).context(
+            "cannot load the model's tokenizer, which counts prompts for the inference servers (set model.tokenizer)",
+        )?;
+        let remote = RemoteWorker::spawn(
+            RemoteOptions::from_settings(&settings.inference, &settings.model),
+            std::sync::Arc::new(tokenizer),
+        )?;
+        return Ok(remote.into());
+    }
     let started = std::time::Instant::now();
     let loaded = inference::load_from_settings(&settings.model).context("cannot load the model")?;
     tracing::info!(

@@ -13,9 +13,7 @@ use crate::chat::{ConversationKey, Role};
 use crate::config::Settings;
 use crate::core::{Assistant, Prompter};
 use crate::inference::tokenizer::TextTokenizer;
-use crate::inference::{
-    self, GenerationEvent, GenerationRequest, SamplingParams, Worker, WorkerOptions,
-};
+use crate::inference::{self, GenerationEvent, GenerationRequest, SamplingParams};
 use crate::memory::{Store, Target};
 
 #[derive(Debug, Parser)]
@@ -51,6 +49,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Quantise a safetensors model to GGUF as a first start does, timing it and its memory.
     Quantize(crate::bench::quantize::QuantizeArgs),
+    /// Time replies from an inference server through the bot's backend against calling it directly.
+    BenchRemote(crate::bench::remote::BenchRemoteArgs),
     /// Time the memory operations on a reply's path on one or more databases, side by side.
     BenchMemory(crate::bench::memory::MemoryBenchArgs),
     /// Copy a whole memory into another database (e.g. SQLite to PostgreSQL); resumable.
@@ -137,23 +137,19 @@ pub async fn chat(mut settings: Settings, args: ChatArgs) -> anyhow::Result<()> 
     result
 }
 
-/// The tokenizer the configured model uses, without loading its weights.
+/// The tokenizer the configured model uses, without loading its weights (fetched from the hub
+/// cache when only a repo is named), and the window prompts are built for.
 fn tokenizer_for(settings: &Settings) -> anyhow::Result<(Arc<TextTokenizer>, usize)> {
     let m = &settings.model;
-    if m.path.is_empty() && m.tokenizer.is_empty() {
-        bail!(
-            "set model.path (or model.tokenizer) so the prompt can be counted with the model's tokenizer"
-        );
-    }
-    let model = Path::new(&m.path);
-    let explicit = (!m.tokenizer.is_empty()).then(|| Path::new(&m.tokenizer));
-    let path = inference::load::tokenizer_path(model, explicit);
+    let tokenizer = inference::load::tokenizer_from_settings(m)
+        .context("cannot load the model's tokenizer to count the prompt")?;
     // The model's own window may be smaller than the configured one, as the worker also finds.
-    let context = inference::load::declared_context(model)
+    let context = inference::load::declared_context(Path::new(&m.path))
+        .filter(|_| !m.path.is_empty())
         .map_or(m.context_length as usize, |max| {
             max.min(m.context_length as usize)
         });
-    Ok((Arc::new(TextTokenizer::from_file(&path)?), context))
+    Ok((Arc::new(tokenizer), context))
 }
 
 pub async fn prompt(mut settings: Settings, args: PromptArgs) -> anyhow::Result<()> {
@@ -286,15 +282,11 @@ pub async fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<
         model_settings.path = model.display().to_string();
         model_settings.repo.clear();
     }
-    let loaded = inference::load_from_settings(&model_settings).context("cannot load the model")?;
-    let prompt = loaded.tokenizer.encode(&args.prompt, true)?;
-    let worker = Worker::spawn(
-        loaded,
-        WorkerOptions {
-            context_length: settings.model.context_length as usize,
-            ..WorkerOptions::default()
-        },
-    );
+    let worker = load_worker(&Settings {
+        model: model_settings,
+        ..settings.clone()
+    })?;
+    let prompt = worker.tokenizer().encode(&args.prompt, true)?;
     let mut sampling = SamplingParams::from_settings(&settings.sampling);
     if let Some(t) = args.temperature {
         sampling.temperature = t;
@@ -305,6 +297,7 @@ pub async fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<
     let mut handle = worker.submit(GenerationRequest {
         conversation: "generate".into(),
         prompt,
+        prompt_text: Some(args.prompt.clone()),
         sampling,
         max_new_tokens: args
             .max_new_tokens

@@ -87,6 +87,16 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
+            Command::BenchRemote(args) => {
+                let report = synthia_bot::bench::remote::run(&args).await?;
+                if args.json {
+                    serde_json::to_writer_pretty(std::io::stdout().lock(), &report)?;
+                    println!();
+                } else {
+                    synthia_bot::bench::remote::print(&report);
+                }
+                Ok(())
+            }
         }
     });
     match result {

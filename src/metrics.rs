@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 
 use crate::chat::Platform;
 use crate::core::{Observer, ReplyReport};
-use crate::inference::FinishReason;
+use crate::inference::{EndpointSnapshot, FinishReason};
 
 type Labels = Vec<(String, String)>;
 
@@ -31,6 +31,112 @@ fn seconds_histogram() -> Histogram {
 }
 
 type QueueSource = Box<dyn Fn() -> i64 + Send + Sync>;
+type EndpointSource = Box<dyn Fn() -> Vec<EndpointSnapshot> + Send + Sync>;
+type Seconds = Counter<f64, std::sync::atomic::AtomicU64>;
+
+/// Each inference server's counts, copied from the backend's own at each scrape.
+#[derive(Default)]
+struct EndpointMetrics {
+    up: Family<Labels, Gauge>,
+    in_flight: Family<Labels, Gauge>,
+    requests: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    first_tokens: Family<Labels, Counter>,
+    first_token_seconds: Family<Labels, Seconds>,
+    tokens: Family<Labels, Counter>,
+    decode_seconds: Family<Labels, Seconds>,
+}
+
+/// Raises a counter to a total counted elsewhere (totals only grow).
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+fn catch_up_seconds(counter: &Seconds, total: f64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+impl EndpointMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "inference_endpoint_up",
+            "1 while an inference server answers, 0 while it is skipped and probed",
+            self.up.clone(),
+        );
+        registry.register(
+            "inference_endpoint_in_flight",
+            "Requests an inference server is serving now",
+            self.in_flight.clone(),
+        );
+        for (name, help, family) in [
+            (
+                "inference_endpoint_requests",
+                "Requests sent to an inference server",
+                &self.requests,
+            ),
+            (
+                "inference_endpoint_errors",
+                "An inference server's failures, by kind",
+                &self.errors,
+            ),
+            (
+                "inference_endpoint_first_tokens",
+                "Streams that reached their first token",
+                &self.first_tokens,
+            ),
+            (
+                "inference_endpoint_tokens",
+                "Tokens streamed from an inference server",
+                &self.tokens,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "inference_endpoint_first_token_seconds",
+            "Summed time from sending a request to its first token (divide by first_tokens)",
+            self.first_token_seconds.clone(),
+        );
+        registry.register(
+            "inference_endpoint_decode_seconds",
+            "Summed time streaming after the first token (tokens divided by it: tokens/s)",
+            self.decode_seconds.clone(),
+        );
+    }
+
+    fn update(&self, snapshots: &[EndpointSnapshot]) {
+        for e in snapshots {
+            let l = labels(&[("endpoint", &e.url)]);
+            self.up.get_or_create(&l).set(i64::from(e.up));
+            self.in_flight.get_or_create(&l).set(e.in_flight as i64);
+            catch_up(&self.requests.get_or_create(&l), e.stats.requests);
+            catch_up(&self.first_tokens.get_or_create(&l), e.stats.first_tokens);
+            catch_up(&self.tokens.get_or_create(&l), e.stats.tokens);
+            catch_up_seconds(
+                &self.first_token_seconds.get_or_create(&l),
+                e.stats.first_token_seconds,
+            );
+            catch_up_seconds(
+                &self.decode_seconds.get_or_create(&l),
+                e.stats.decode_seconds,
+            );
+            for (kind, n) in &e.stats.errors {
+                catch_up(
+                    &self
+                        .errors
+                        .get_or_create(&labels(&[("endpoint", &e.url), ("kind", kind)])),
+                    *n,
+                );
+            }
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -50,6 +156,8 @@ pub struct Metrics {
     connected: Family<Labels, Gauge>,
     instance: Family<Labels, Gauge>,
     queue_source: Mutex<Option<QueueSource>>,
+    endpoints: EndpointMetrics,
+    endpoint_source: Mutex<Option<EndpointSource>>,
 }
 
 impl Default for Metrics {
@@ -78,7 +186,10 @@ impl Metrics {
             connected: Family::default(),
             instance: Family::default(),
             queue_source: Mutex::new(None),
+            endpoints: EndpointMetrics::default(),
+            endpoint_source: Mutex::new(None),
         };
+        m.endpoints.register(&mut m.registry);
         for (name, help, family) in [
             (
                 "messages_received",
@@ -170,6 +281,17 @@ impl Metrics {
         *self.queue_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
     }
 
+    /// Where the inference servers' states and counts are read at each scrape.
+    pub fn set_endpoint_source(
+        &self,
+        source: impl Fn() -> Vec<EndpointSnapshot> + Send + Sync + 'static,
+    ) {
+        *self
+            .endpoint_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
+    }
+
     pub fn set_connected(&self, platform: Platform, up: bool) {
         self.connected
             .get_or_create(&labels(&[("platform", platform.as_str())]))
@@ -180,6 +302,13 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Some(source) = &*self.queue_source.lock().unwrap_or_else(|e| e.into_inner()) {
             self.queue_depth.set(source());
+        }
+        if let Some(source) = &*self
+            .endpoint_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            self.endpoints.update(&source());
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
@@ -342,5 +471,56 @@ mod tests {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn each_inference_server_has_its_own_counts() {
+        use crate::inference::remote::EndpointStats;
+        let m = Metrics::new();
+        let snapshot = |requests: u64, up: bool| {
+            vec![EndpointSnapshot {
+                url: "http://127.0.0.1:9/v1".into(),
+                up,
+                in_flight: 2,
+                stats: EndpointStats {
+                    requests,
+                    errors: [("cut", 1), ("busy", 3)].into_iter().collect(),
+                    first_tokens: requests,
+                    first_token_seconds: 0.5,
+                    tokens: 40,
+                    decode_seconds: 2.0,
+                },
+            }]
+        };
+        let shared = Arc::new(Mutex::new(snapshot(4, true)));
+        let source = shared.clone();
+        m.set_endpoint_source(move || source.lock().unwrap().clone());
+        let e = "endpoint=\"http://127.0.0.1:9/v1\"";
+        let text = m.render();
+        for line in [
+            format!("synthia_inference_endpoint_up{{{e}}} 1"),
+            format!("synthia_inference_endpoint_in_flight{{{e}}} 2"),
+            format!("synthia_inference_endpoint_requests_total{{{e}}} 4"),
+            format!("synthia_inference_endpoint_errors_total{{{e},kind=\"cut\"}} 1"),
+            format!("synthia_inference_endpoint_errors_total{{{e},kind=\"busy\"}} 3"),
+            format!("synthia_inference_endpoint_tokens_total{{{e}}} 40"),
+            format!("synthia_inference_endpoint_decode_seconds_total{{{e}}} 2.0"),
+            format!("synthia_inference_endpoint_first_token_seconds_total{{{e}}} 0.5"),
+        ] {
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        // Later scrapes follow the backend's totals, and the state.
+        *shared.lock().unwrap() = snapshot(9, false);
+        let text = m.render();
+        assert!(
+            text.contains(&format!(
+                "synthia_inference_endpoint_requests_total{{{e}}} 9"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("synthia_inference_endpoint_up{{{e}}} 0")),
+            "{text}"
+        );
     }
 }

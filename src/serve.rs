@@ -184,6 +184,10 @@ async fn run(settings: Settings, config: Option<PathBuf>, instance: String) -> a
         let worker = worker.clone();
         metrics.set_queue_source(move || worker.queue_depth() as i64);
     }
+    {
+        let worker = worker.clone();
+        metrics.set_endpoint_source(move || worker.endpoints());
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut firsts = Vec::new();

@@ -66,26 +66,7 @@ impl Env {
 
     /// Runs `chat` with these arguments, `input` piped in; it must succeed.
     fn chat_with(&self, args: &[&str], input: &str) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "chat failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        common::run_piped(&mut self.command(args), input)
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -107,20 +88,11 @@ impl Env {
     }
 
     fn export(&self) -> Vec<serde_json::Value> {
-        let out = self.run(&["export"]);
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        common::json_lines(&String::from_utf8(self.run(&["export"]).stdout).unwrap())
     }
 }
 
-fn answers(out: &Output) -> usize {
-    String::from_utf8_lossy(&out.stdout)
-        .matches("Synthia: ")
-        .count()
-}
+use common::chat_answers as answers;
 
 #[test]
 fn conversation_continues_across_processes_and_exports_in_order() {

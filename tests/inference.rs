@@ -28,6 +28,7 @@ fn request(conv: &str, prompt: Vec<u32>, max_new: usize) -> GenerationRequest {
     GenerationRequest {
         conversation: conv.into(),
         prompt,
+        prompt_text: None,
         sampling: SamplingParams::greedy(),
         max_new_tokens: max_new,
         stop: Vec::new(),

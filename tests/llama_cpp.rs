@@ -10,16 +10,9 @@ use std::process::{Command, Stdio};
 
 use synthia_bot::inference::{LoadOptions, load};
 
-const PYTHON_ENV: &str = "SYNTHIA_TEST_LLAMA_CPP_PYTHON";
-
 /// Asks llama.cpp (tests/llama_cpp/engine.py) one question.
 fn llama_cpp(request: serde_json::Value) -> serde_json::Value {
-    let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| {
-        panic!(
-            "{PYTHON_ENV} is not set: this test needs llama.cpp; run it through scripts/test or \
-             scripts/with-llama-cpp"
-        )
-    });
+    let python = common::llama_server::python();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llama_cpp/engine.py");
     let mut child = Command::new(python)
         .arg(script)

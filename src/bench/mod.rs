@@ -5,6 +5,7 @@
 pub mod memory;
 pub mod quantize;
 pub mod random_model;
+pub mod remote;
 mod report;
 
 use std::path::PathBuf;
@@ -318,6 +319,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let request = |name: String, max_new: usize| GenerationRequest {
         conversation: name,
         prompt: short.clone(),
+        prompt_text: None,
         sampling: SamplingParams::greedy(),
         max_new_tokens: max_new,
         stop: Vec::new(),

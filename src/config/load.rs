@@ -80,6 +80,7 @@ impl Settings {
 
 /// List-valued keys, so environment variables can carry comma-separated lists.
 const LIST_KEYS: &[&str] = &[
+    "inference.endpoints",
     "discord.always_answer",
     "discord.command_guilds",
     "discord.access.allowed_users",

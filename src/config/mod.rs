@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod inference;
 mod load;
 mod model;
 mod platforms;
@@ -16,6 +17,7 @@ mod sampling;
 mod service;
 mod size;
 
+pub use inference::{BackendChoice, InferenceSettings};
 pub use load::Sources;
 pub use model::{DTypeChoice, DeviceChoice, ModelSettings, QuantizeChoice};
 pub use platforms::{
@@ -41,6 +43,7 @@ pub const ENV_PREFIX: &str = "SYNTHIA_BOT";
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub model: ModelSettings,
+    pub inference: InferenceSettings,
     pub sampling: SamplingSettings,
     pub prompt: PromptSettings,
     pub memory: MemorySettings,
@@ -87,6 +90,7 @@ impl Settings {
     /// `validate` of their own.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.model.validate()?;
+        self.inference.validate()?;
         self.sampling.validate()?;
         self.prompt.validate()?;
         self.memory.validate()?;

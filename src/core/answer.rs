@@ -6,7 +6,7 @@ use super::{
 };
 use crate::chat::{ConversationKey, Incoming, Role, Shown, without_nul};
 use crate::inference::{
-    FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError,
+    Failure, FinishReason, GenerationEvent, GenerationRequest, SamplingParams, WorkerError,
 };
 use crate::memory::{Appended, Conversation, NewUserTurn, Status};
 use crate::prompt::Turn;
@@ -217,65 +217,86 @@ impl Assistant {
                 cached: None,
             }),
         };
-        let prepared = self
-            .prompter()
-            .prepare(&self.store, &conv, question_id, extra, msg.remember)
-            .await?;
         let mut recorder = ShownRecorder {
             question_id: question_id.filter(|_| msg.remember),
             last: None,
         };
-        if let Some(cut) = prepared.built.cut_chars
-            && notices_shown == 0
-        {
-            sink.notice(&text::cut(cut)).await;
-            recorder.check(&self.store, sink).await;
-        }
-        tracing::debug!(
-            prompt_tokens = prepared.built.token_count(),
-            trimmed_turns = prepared.built.trimmed_turns,
-            "prompt built"
-        );
         let mut sampling = SamplingParams::from_settings(&config.sampling);
         if let Some(t) = conv.settings.temperature {
             sampling.temperature = t;
         }
-        let request = GenerationRequest {
-            conversation: msg.key.to_string(),
-            prompt: prepared.built.ids.clone(),
-            sampling,
-            max_new_tokens: prepared.max_new_tokens,
-            stop: crate::prompt::ROLE_STOPS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        };
-        let mut handle = self.worker.submit(request)?;
-        let cancel = handle.cancel_token();
-        self.in_flight
-            .track(&msg.key, msg.message_id.clone(), cancel.clone());
-        let mut text_so_far = String::new();
-        let mut result = None;
-        let mut first_token = None;
-        while let Some(event) = handle.next().await {
-            match event {
-                GenerationEvent::Queued { position } => {
-                    sink.queued(position).await;
-                    recorder.check(&self.store, sink).await;
-                }
-                GenerationEvent::Started { .. } => {}
-                GenerationEvent::Delta(d) => {
-                    first_token.get_or_insert_with(|| arrived.elapsed());
-                    text_so_far.push_str(&without_nul(&d));
-                    sink.update(&text_so_far).await;
-                    recorder.check(&self.store, sink).await;
-                }
-                GenerationEvent::Finished(r) => {
-                    result = Some(r);
-                    break;
+        let mut prompter = self.prompter();
+        // A backend whose server said its window is smaller than the configured one.
+        let mut retried_smaller = false;
+        let (prepared, result, cancel, first_token) = loop {
+            prompter.context_length = prompter.context_length.min(self.worker.context_length());
+            let prepared = prompter
+                .prepare(&self.store, &conv, question_id, extra.clone(), msg.remember)
+                .await?;
+            if let Some(cut) = prepared.built.cut_chars
+                && notices_shown == 0
+                && !retried_smaller
+            {
+                sink.notice(&text::cut(cut)).await;
+                recorder.check(&self.store, sink).await;
+            }
+            tracing::debug!(
+                prompt_tokens = prepared.built.token_count(),
+                trimmed_turns = prepared.built.trimmed_turns,
+                "prompt built"
+            );
+            let request = GenerationRequest {
+                conversation: msg.key.to_string(),
+                prompt: prepared.built.ids.clone(),
+                prompt_text: Some(prepared.built.text.clone()),
+                sampling: sampling.clone(),
+                max_new_tokens: prepared.max_new_tokens,
+                stop: crate::prompt::ROLE_STOPS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            };
+            let mut handle = self.worker.submit(request)?;
+            let cancel = handle.cancel_token();
+            self.in_flight
+                .track(&msg.key, msg.message_id.clone(), cancel.clone());
+            let mut text_so_far = String::new();
+            let mut result = None;
+            let mut first_token = None;
+            while let Some(event) = handle.next().await {
+                match event {
+                    GenerationEvent::Queued { position } => {
+                        sink.queued(position).await;
+                        recorder.check(&self.store, sink).await;
+                    }
+                    GenerationEvent::Started { .. } => {}
+                    GenerationEvent::Delta(d) => {
+                        first_token.get_or_insert_with(|| arrived.elapsed());
+                        text_so_far.push_str(&without_nul(&d));
+                        sink.update(&text_so_far).await;
+                        recorder.check(&self.store, sink).await;
+                    }
+                    GenerationEvent::Finished(r) => {
+                        result = Some(r);
+                        break;
+                    }
                 }
             }
-        }
+            // Refused before a word was written: once more, built for the server's window.
+            if let Some(r) = &result
+                && let Some(Failure::ContextTooSmall { window }) = r.failure
+                && text_so_far.is_empty()
+                && !retried_smaller
+                && window < prompter.context_length
+            {
+                self.in_flight.untrack(&msg.key, &cancel);
+                retried_smaller = true;
+                tracing::info!(window, "building the prompt again for the server's window");
+                prompter.context_length = window;
+                continue;
+            }
+            break (prepared, result, cancel, first_token);
+        };
         self.in_flight.untrack(&msg.key, &cancel);
         let Some(mut result) = result else {
             return Err(WorkerError::Stopped.into());
@@ -343,7 +364,11 @@ impl Assistant {
                     error = result.error.as_deref().unwrap_or("unknown"),
                     "generation failed"
                 );
-                sink.fail(text::FAILED).await;
+                sink.fail(match result.failure {
+                    Some(Failure::Unavailable) => text::SERVERS_DOWN,
+                    _ => text::FAILED,
+                })
+                .await;
             }
             FinishReason::Cancelled => sink.finish(&text::cancelled(&result.text)).await,
             _ => sink.finish(&result.text).await,

@@ -22,6 +22,7 @@ pub const STOPPED: &str = "Stopped.";
 pub const BUSY: &str = "I'm handling too many questions right now. Please try again in a minute.";
 pub const UNAVAILABLE: &str =
     "The language model isn't available right now. An operator has been told.";
+pub const SERVERS_DOWN: &str = "I can't reach the language model right now, so I couldn't answer. Your message is kept; please ask again in a little while.";
 pub const FAILED: &str = "Something went wrong while I was answering. Please try again.";
 pub const STORAGE_FAILED: &str =
     "I couldn't save your message, so I won't answer it yet. Please try again shortly.";

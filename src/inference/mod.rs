@@ -2,8 +2,11 @@
 //! owns the model and serves every conversation of every platform, fairly, streaming text back.
 //! It knows nothing of chat platforms, prompts or memory.
 
+mod backend;
 pub mod load;
 pub mod model;
+mod queue;
+pub mod remote;
 pub mod sampling;
 pub mod stop;
 pub mod tokenizer;
@@ -13,9 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub use backend::Worker;
 pub use load::{LoadError, LoadOptions, LoadedModel, WeightFormat, load, load_from_settings};
 pub use model::{LlamaModel, LlamaShape, SeqCache};
-pub use worker::{Worker, WorkerOptions};
+pub use remote::{EndpointSnapshot, RemoteError, RemoteOptions, RemoteWorker};
+pub use worker::{LocalWorker, WorkerOptions};
 
 /// How to pick each next token. Temperature 0 is greedy.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +64,9 @@ pub struct GenerationRequest {
     pub conversation: String,
     /// Prompt token ids, BOS first.
     pub prompt: Vec<u32>,
+    /// The text the ids were encoded from (without BOS), for servers that take text; `None`
+    /// sends the ids decoded.
+    pub prompt_text: Option<String>,
     pub sampling: SamplingParams,
     pub max_new_tokens: usize,
     /// Text that ends the reply (never shown), besides the end-of-sequence token.
@@ -91,6 +99,18 @@ pub struct GenerationResult {
     pub prefill_time: Duration,
     pub time_to_first_token: Option<Duration>,
     pub decode_time: Duration,
+    /// Set when the caller can do something about a failure.
+    pub failure: Option<Failure>,
+}
+
+/// Why a generation failed, where the caller acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No inference server could be reached; the question can be asked again later.
+    Unavailable,
+    /// The server's window is smaller than the one the prompt was built for: build it again
+    /// for `window` tokens and submit once more.
+    ContextTooSmall { window: usize },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,6 +234,7 @@ fn stopped_result() -> GenerationResult {
         prefill_time: Duration::ZERO,
         time_to_first_token: None,
         decode_time: Duration::ZERO,
+        failure: None,
     }
 }
 

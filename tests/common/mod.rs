@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod fault_proxy;
+pub mod llama_server;
 pub mod postgres;
 pub mod proxy;
 pub mod sink;
@@ -91,6 +93,45 @@ pub fn broken_copy(tmp: &Path) -> PathBuf {
         std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
     }
     dst
+}
+
+/// Runs `cmd` with `input` piped in, its output captured; it must succeed.
+pub fn run_piped(cmd: &mut std::process::Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// How many answers a piped `chat` printed.
+pub fn chat_answers(out: &std::process::Output) -> usize {
+    String::from_utf8_lossy(&out.stdout)
+        .matches("Synthia: ")
+        .count()
+}
+
+/// `export`'s JSON Lines.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// A worker serving the tiny model in f32 on the CPU.

@@ -106,12 +106,18 @@ impl Hub<'_> {
     }
 }
 
-/// Fetches what `repo_id` (at `model.revision`) needs: `model.file` for a GGUF repo, else the
-/// config, tokenizer and safetensors weights.
-pub(super) fn fetch_from_hub(
+/// One file of `repo_id` (at `model.revision`), from the cache or downloaded once.
+pub(super) fn fetch_file(
     settings: &ModelSettings,
     repo_id: &str,
-) -> Result<Fetched, LoadError> {
+    name: &str,
+) -> Result<PathBuf, LoadError> {
+    let hub = hub_for(settings, repo_id)?;
+    let repo = hub.repo.clone();
+    hub.get(&repo, repo_id, name)
+}
+
+fn hub_for<'a>(settings: &ModelSettings, repo_id: &'a str) -> Result<Hub<'a>, LoadError> {
     // HF_HOME (cache) and HF_ENDPOINT (mirror) are honoured as in the Python client.
     let api = ApiBuilder::from_env()
         .with_progress(false)
@@ -127,12 +133,22 @@ pub(super) fn fetch_from_hub(
         &settings.revision
     };
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let hub = Hub {
+    Ok(Hub {
         api,
         cache: Cache::from_env(),
         repo_id,
-        repo: repo.clone(),
-    };
+        repo,
+    })
+}
+
+/// Fetches what `repo_id` (at `model.revision`) needs: `model.file` for a GGUF repo, else the
+/// config, tokenizer and safetensors weights.
+pub(super) fn fetch_from_hub(
+    settings: &ModelSettings,
+    repo_id: &str,
+) -> Result<Fetched, LoadError> {
+    let hub = hub_for(settings, repo_id)?;
+    let repo = hub.repo.clone();
     if settings.file.to_ascii_lowercase().ends_with(".gguf") {
         hub.check_room(&repo, std::slice::from_ref(&settings.file))?;
         let gguf = hub.get(&repo, repo_id, &settings.file)?;

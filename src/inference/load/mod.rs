@@ -199,6 +199,51 @@ pub fn load_from_settings(settings: &ModelSettings) -> Result<LoadedModel, LoadE
     load_on(&fetched.path, &opts, &device)
 }
 
+/// The model's tokenizer without its weights, for a backend whose weights are elsewhere (an
+/// inference server): `model.tokenizer`, else the one beside (or carried in) `model.path`, else
+/// `tokenizer.json` of `model.tokenizer_repo`, `model.repo` or the model card's repo, fetched
+/// into the hub cache once.
+pub fn tokenizer_from_settings(settings: &ModelSettings) -> Result<TextTokenizer, LoadError> {
+    if !settings.tokenizer.is_empty() {
+        return Ok(TextTokenizer::from_file(Path::new(&settings.tokenizer))?);
+    }
+    if !settings.path.is_empty() {
+        let model = Path::new(&settings.path);
+        if !model.exists() {
+            return Err(LoadError::NotFound(model.to_path_buf()));
+        }
+        let beside = tokenizer_path(model, None);
+        if !beside.exists() && model.is_file() {
+            let mut file = std::fs::File::open(model).map_err(|e| LoadError::Read {
+                path: model.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            let content =
+                candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+                    LoadError::Read {
+                        path: model.to_path_buf(),
+                        message: format!("not a readable GGUF file: {e}"),
+                    }
+                })?;
+            if let Some(json) = gguf_vocab::embedded_tokenizer(&content.metadata) {
+                return TextTokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+                    LoadError::BadConfig {
+                        path: model.to_path_buf(),
+                        message: format!("the tokenizer it carries: {e}"),
+                    }
+                });
+            }
+        }
+        return Ok(TextTokenizer::from_file(&beside)?);
+    }
+    let repo = [&settings.tokenizer_repo, &settings.repo]
+        .into_iter()
+        .find(|r| !r.is_empty())
+        .map_or(DEFAULT_REPO, String::as_str);
+    let path = hub::fetch_file(settings, repo, "tokenizer.json")?;
+    Ok(TextTokenizer::from_file(&path)?)
+}
+
 /// Loads a model directory or GGUF file.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     if !path.exists() {

@@ -11,11 +11,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::unbounded_channel;
-
 use super::load::LoadedModel;
 use super::tokenizer::TextTokenizer;
-use super::{CancelToken, GenerationHandle, GenerationRequest, WorkerError};
+use super::{GenerationHandle, GenerationRequest, WorkerError};
 use cache_pool::CachePool;
 use queue::{Pending, Queue, Shared};
 use step::State;
@@ -30,7 +28,7 @@ pub struct WorkerOptions {
     pub prefill_chunk: usize,
     /// Context window (clamped to the model's own).
     pub context_length: usize,
-    /// Start without serving until [`Worker::resume`]; lets tests line up a queue.
+    /// Start without serving until [`LocalWorker::resume`]; lets tests line up a queue.
     pub start_paused: bool,
     /// Sequences decoded together in one pass over the weights; 1 turns batching off.
     pub max_batch: usize,
@@ -74,14 +72,15 @@ impl Inner {
     }
 }
 
-/// Handle to the one inference worker; clones share it. The thread ends with the last clone.
+/// Handle to the in-process inference worker; clones share it. The thread ends with the last
+/// clone.
 #[derive(Clone)]
-pub struct Worker {
+pub struct LocalWorker {
     inner: Arc<Inner>,
 }
 
-impl Worker {
-    pub fn spawn(loaded: LoadedModel, opts: WorkerOptions) -> Worker {
+impl LocalWorker {
+    pub fn spawn(loaded: LoadedModel, opts: WorkerOptions) -> LocalWorker {
         let context_length = opts.context_length.min(loaded.model.shape.max_position);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -110,7 +109,7 @@ impl Worker {
         if thread.is_none() {
             tracing::error!("could not start the inference thread");
         }
-        Worker {
+        LocalWorker {
             inner: Arc::new(Inner {
                 shared,
                 thread: Mutex::new(thread),
@@ -132,9 +131,7 @@ impl Worker {
                 context: self.inner.context_length,
             });
         }
-        let (tx, rx) = unbounded_channel();
-        let cancel = CancelToken::default();
-        let position = Arc::new(AtomicUsize::new(0));
+        let (pending, handle) = Pending::new(req);
         {
             let mut q = self.inner.shared.lock();
             if q.shutdown
@@ -150,28 +147,10 @@ impl Worker {
             if q.waiting >= self.inner.capacity {
                 return Err(WorkerError::Busy { waiting: q.waiting });
             }
-            let conv = req.conversation.clone();
-            let pending = Pending {
-                req,
-                tx,
-                cancel: cancel.clone(),
-                position: position.clone(),
-                submitted: Instant::now(),
-            };
-            let list = q.per_conversation.entry(conv.clone()).or_default();
-            list.push_back(pending);
-            if list.len() == 1 {
-                q.order.push_back(conv);
-            }
-            q.waiting += 1;
-            q.reposition();
+            q.push(pending);
         }
         self.inner.shared.wake.notify_one();
-        Ok(GenerationHandle {
-            events: rx,
-            cancel,
-            position,
-        })
+        Ok(handle)
     }
 
     pub fn tokenizer(&self) -> Arc<TextTokenizer> {

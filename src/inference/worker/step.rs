@@ -59,10 +59,9 @@ impl State {
                         // Nothing waiting is served after shutdown: say so to each caller.
                         while let Some(p) = q.pop() {
                             p.position.store(0, Ordering::Release);
-                            let _ = p.tx.send(GenerationEvent::Finished(empty_result(
-                                &p,
-                                FinishReason::Cancelled,
-                            )));
+                            let _ = p.tx.send(GenerationEvent::Finished(
+                                p.empty_result(FinishReason::Cancelled),
+                            ));
                         }
                         return;
                     }
@@ -116,13 +115,12 @@ impl State {
     fn start(&mut self, p: Pending, serial: u64) -> Option<Active> {
         let conv = p.req.conversation.clone();
         if p.cancel.is_cancelled() {
-            let _ = p.tx.send(GenerationEvent::Finished(empty_result(
-                &p,
-                FinishReason::Cancelled,
-            )));
+            let _ = p.tx.send(GenerationEvent::Finished(
+                p.empty_result(FinishReason::Cancelled),
+            ));
             return None;
         }
-        let mut result = empty_result(&p, FinishReason::Length);
+        let mut result = p.empty_result(FinishReason::Length);
         let _ = p.tx.send(GenerationEvent::Started { serial });
         let span = tracing::debug_span!("generate", conversation = %conv, serial);
         let _enter = span.enter();
@@ -312,22 +310,5 @@ impl State {
                 .put(a.p.req.conversation.clone(), a.cache, in_use);
         }
         let _ = a.p.tx.send(GenerationEvent::Finished(a.result));
-    }
-}
-
-/// The record of a request with nothing generated (yet), ending as `finish`.
-fn empty_result(p: &Pending, finish: FinishReason) -> GenerationResult {
-    GenerationResult {
-        text: String::new(),
-        tokens: Vec::new(),
-        finish,
-        error: None,
-        prompt_tokens: p.req.prompt.len(),
-        reused_tokens: 0,
-        completion_tokens: 0,
-        queue_time: p.submitted.elapsed(),
-        prefill_time: Duration::ZERO,
-        time_to_first_token: None,
-        decode_time: Duration::ZERO,
     }
 }
