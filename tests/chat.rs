@@ -610,6 +610,56 @@ fn a_first_start_downloads_with_progress_quantises_once_and_answers() {
     );
 }
 
+/// On inference servers with nothing configured but their URL, the prompt is counted with the
+/// model card's tokenizer, fetched alone (no weights) into the hub cache once.
+#[test]
+fn a_remote_backend_needs_only_the_default_models_tokenizer() {
+    let env = Env::new();
+    let home = env.dir.path().join("hf");
+    let hub = FakeHub::start(
+        vec![(
+            "tokenizer.json".into(),
+            std::fs::read(common::tokenizer_path()).unwrap(),
+        )],
+        Vec::new(),
+    );
+    let server = common::llama_server::LlamaServer::start(
+        &common::tiny_gguf("f32"),
+        2048,
+        common::llama_server::free_port(),
+        env.dir.path().join("server.log"),
+    );
+    let out = common::run_piped(
+        env.command(&["chat"])
+            .env_remove("SYNTHIA_BOT__MODEL__PATH")
+            .env("SYNTHIA_BOT__INFERENCE__BACKEND", "openai")
+            .env("SYNTHIA_BOT__INFERENCE__ENDPOINTS", server.base())
+            .env("HF_HOME", &home)
+            .env("HF_ENDPOINT", &hub.url),
+        "hello there\n",
+    );
+    assert_eq!(answers(&out), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    let asked = hub.asked.lock().unwrap().clone();
+    assert!(
+        asked
+            .iter()
+            .any(|p| p.ends_with("/migtissera/Synthia-7B/resolve/main/tokenizer.json")),
+        "{asked:?}"
+    );
+    assert!(
+        !asked
+            .iter()
+            .any(|p| p.contains("safetensors") || p.contains("config.json")),
+        "{asked:?}"
+    );
+    assert!(
+        home.join(format!(
+            "hub/models--migtissera--Synthia-7B/snapshots/{HUB_COMMIT}/tokenizer.json"
+        ))
+        .exists()
+    );
+}
+
 #[test]
 fn a_download_that_cannot_fit_is_refused_before_it_starts() {
     let env = Env::new();

@@ -163,20 +163,32 @@ pub async fn run(args: &BenchRemoteArgs) -> anyhow::Result<RemoteReport> {
     };
     let (direct_side, bot_side) = (side(&d), side(&b));
     let mut aggregate = Vec::new();
+    // Each size a few times, the two sides alternating, medians kept.
+    let rounds = args.repeats.clamp(1, 3);
     for &n in &args.conversations {
         let n = n.max(1);
-        let started = Instant::now();
-        let runs = (0..n).map(|_| direct(&client, &args.endpoint, &body, args.max_new));
-        for r in futures_util::future::join_all(runs).await {
-            r?;
+        let (mut direct_runs, mut bot_runs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let started = Instant::now();
+            let runs = (0..n).map(|_| direct(&client, &args.endpoint, &body, args.max_new));
+            for r in futures_util::future::join_all(runs).await {
+                r?;
+            }
+            direct_runs.push((n * args.max_new) as f64 / started.elapsed().as_secs_f64());
+            let started = Instant::now();
+            let runs = (0..n).map(|i| {
+                bot(
+                    &worker,
+                    request(format!("agg-{n}-{round}-{i}")),
+                    args.max_new,
+                )
+            });
+            for r in futures_util::future::join_all(runs).await {
+                r?;
+            }
+            bot_runs.push((n * args.max_new) as f64 / started.elapsed().as_secs_f64());
         }
-        let direct_tps = (n * args.max_new) as f64 / started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        let runs = (0..n).map(|i| bot(&worker, request(format!("agg-{n}-{i}")), args.max_new));
-        for r in futures_util::future::join_all(runs).await {
-            r?;
-        }
-        let bot_tps = (n * args.max_new) as f64 / started.elapsed().as_secs_f64();
+        let (direct_tps, bot_tps) = (median(direct_runs), median(bot_runs));
         aggregate.push(Aggregate {
             conversations: n,
             direct_tokens_per_s: direct_tps,

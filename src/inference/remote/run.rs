@@ -253,13 +253,21 @@ impl Run<'_> {
         let idle = self.inner.opts.idle_timeout;
         let mut events = client::events(resp);
         let mut finish: Option<FinishReason> = None;
+        // One timer each for the whole stream, not one per chunk.
+        let token = self.p.cancel.clone();
+        let cancel = cancelled(&token);
+        tokio::pin!(cancel);
+        let silence = tokio::time::sleep(idle);
+        tokio::pin!(silence);
         loop {
             let next = tokio::select! {
-                n = tokio::time::timeout(idle, events.next()) => n,
-                _ = cancelled(&self.p.cancel) => return StreamEnd::Cancelled,
+                n = events.next() => Ok(n),
+                _ = &mut silence => Err(()),
+                _ = &mut cancel => return StreamEnd::Cancelled,
             };
+            silence.as_mut().reset(tokio::time::Instant::now() + idle);
             let chunk = match next {
-                Err(_) => {
+                Err(()) => {
                     return StreamEnd::Cut(format!("no data for {} s", idle.as_secs()));
                 }
                 Ok(None) => {
