@@ -113,8 +113,16 @@ impl Inner {
         }
     }
 
+    /// Requests the servers can take now: `max_in_flight` for each endpoint that is up or due a
+    /// probe (at least one, so requests still reach a down pool and fail or probe it).
     fn capacity(&self) -> usize {
-        self.endpoints.len() * self.opts.max_in_flight
+        let now = Instant::now();
+        let usable = self
+            .endpoints
+            .iter()
+            .filter(|e| e.is_up() || e.probe_due(now))
+            .count();
+        usable.max(1) * self.opts.max_in_flight
     }
 }
 
