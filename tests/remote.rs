@@ -597,10 +597,17 @@ fn check_config_names_a_bad_endpoint() {
     assert!(err.contains("127.0.0.1:8081"), "{err}");
 }
 
-/// `synthia-bot serve` on Discord (the fake, through the real serenity client), generating on
-/// llama.cpp's server: a mention is answered, streamed and stored with the server's own text.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_answers_discord_from_the_server() {
+/// `synthia-bot serve` against the fake Discord, generating on llama.cpp's server behind a proxy,
+/// `max_new` tokens a reply; its database is `serve.sqlite` in the folder returned.
+async fn serve_on_a_server(
+    max_new: &str,
+) -> (
+    tempfile::TempDir,
+    LlamaServer,
+    FaultProxy,
+    FakeDiscord,
+    common::daemon::Daemon,
+) {
     let dir = tempfile::tempdir().unwrap();
     let server = LlamaServer::start(
         &common::tiny_gguf("f32"),
@@ -610,19 +617,30 @@ async fn serve_answers_discord_from_the_server() {
     );
     let proxy = FaultProxy::start(server.port).await;
     let fake = FakeDiscord::start().await;
-    let db = dir.path().join("serve.sqlite");
-    let mut cmd = common::daemon::serve_command(dir.path(), "12", "1");
+    let mut cmd = common::daemon::serve_command(dir.path(), max_new, "1");
     cmd.env_remove("SYNTHIA_BOT__MODEL__PATH")
         .env("SYNTHIA_BOT__DISCORD__ENABLED", "true")
         .env("SYNTHIA_BOT__INFERENCE__BACKEND", "openai")
         .env("SYNTHIA_BOT__INFERENCE__ENDPOINTS", proxy.base())
         .env("SYNTHIA_BOT__MODEL__TOKENIZER", common::tokenizer_path())
         .env("SYNTHIA_BOT__SAMPLING__TEMPERATURE", "0")
-        .env("SYNTHIA_BOT__MEMORY__DATABASE", &db)
+        .env(
+            "SYNTHIA_BOT__MEMORY__DATABASE",
+            dir.path().join("serve.sqlite"),
+        )
         .env("SYNTHIA_BOT__DISCORD__TOKEN", "fake-token")
         .env("SYNTHIA_BOT__DISCORD__API_BASE", fake.api_base());
     let daemon = common::daemon::Daemon::spawn(cmd);
     fake.wait_ready().await;
+    (dir, server, proxy, fake, daemon)
+}
+
+/// `synthia-bot serve` on Discord (the fake, through the real serenity client), generating on
+/// llama.cpp's server: a mention is answered, streamed and stored with the server's own text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_discord_from_the_server() {
+    let (dir, server, proxy, fake, daemon) = serve_on_a_server("12").await;
+    let db = dir.path().join("serve.sqlite");
     fake.dispatch(
         "MESSAGE_CREATE",
         fake_discord::message(
@@ -682,6 +700,57 @@ async fn serve_answers_discord_from_the_server() {
         answer["choices"][0]["text"].as_str().unwrap().trim(),
         stored
     );
+    store.close().await;
+    daemon.stop().await;
+}
+
+/// A question deleted on Discord while its answer streams from the server: `serve` drops the
+/// request (the server sees its client leave) and stores no reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_question_drops_its_request_to_the_server() {
+    let (dir, _server, proxy, fake, daemon) = serve_on_a_server("1500").await;
+    let db = dir.path().join("serve.sqlite");
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        fake_discord::message(
+            9101,
+            CHANNEL,
+            Some(GUILD),
+            (5001, "alice"),
+            &format!("<@{BOT_ID}> tell me everything"),
+            &[BOT_ID],
+            None,
+        ),
+    );
+    common::daemon::eventually("the reply streaming", Duration::from_secs(60), || {
+        let sent = proxy.completions();
+        async move { sent.first().filter(|s| s.events >= 2).map(|_| ()) }
+    })
+    .await;
+    fake.dispatch(
+        "MESSAGE_DELETE",
+        serde_json::json!({ "id": "9101", "channel_id": CHANNEL.to_string(), "guild_id": GUILD.to_string() }),
+    );
+    common::daemon::eventually("the server's client gone", Duration::from_secs(30), || {
+        let sent = proxy.completions();
+        async move { sent[0].client_left.then_some(()) }
+    })
+    .await;
+    let sent = proxy.completions();
+    assert!(sent[0].events < 1500, "{} events", sent[0].events);
+    let store = Store::open(&db.display().to_string(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let key = ConversationKey::new(
+        Platform::Discord,
+        &GUILD.to_string(),
+        &CHANNEL.to_string(),
+        "",
+    );
+    if let Some(conv) = store.find_conversation(&key).await.unwrap() {
+        let msgs = store.since_reset(&conv).await.unwrap();
+        assert!(msgs.iter().all(|m| m.role != Role::Assistant), "{msgs:?}");
+    }
     store.close().await;
     daemon.stop().await;
 }
