@@ -757,21 +757,7 @@ impl Terminal {
             .spawn()
             .expect("util-linux script runs the chat on a pseudo-terminal");
         let input = child.stdin.take().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let shared = screen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                shared
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let screen = common::gather(child.stdout.take().unwrap());
         Self {
             child,
             input,

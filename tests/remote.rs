@@ -231,22 +231,8 @@ fn busy_and_failing_servers_are_waited_out_or_left_for_the_other() {
 struct Reader(Arc<Mutex<String>>);
 
 impl Reader {
-    fn start(mut out: impl Read + Send + 'static) -> Self {
-        let text = Arc::new(Mutex::new(String::new()));
-        let shared = text.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                shared
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Self(text)
+    fn start(out: impl Read + Send + 'static) -> Self {
+        Self(common::gather(out))
     }
 
     fn wait_for(&self, what: &str, times: usize) -> String {
@@ -347,10 +333,7 @@ fn cancelling_drops_the_request_mid_stream() {
     let env = Env::new();
     let server = env.server("server", 2048, free_port());
     let proxy = env.proxy(&server);
-    let tokenizer = Arc::new(
-        synthia_bot::inference::tokenizer::TextTokenizer::from_file(&common::tokenizer_path())
-            .unwrap(),
-    );
+    let tokenizer = common::llama2();
     env.rt.block_on(async {
         let worker = remote_worker(&proxy, tokenizer.clone());
         let mut handle = worker
@@ -386,10 +369,7 @@ fn busy_answers_are_waited_out_with_the_place_in_line_told() {
     let server = env.server("server", 2048, free_port());
     let proxy = env.proxy(&server);
     proxy.plan([Fault::Status(429, Some(0)), Fault::Status(503, Some(0))]);
-    let tokenizer = Arc::new(
-        synthia_bot::inference::tokenizer::TextTokenizer::from_file(&common::tokenizer_path())
-            .unwrap(),
-    );
+    let tokenizer = common::llama2();
     let events = env.rt.block_on(async {
         let worker = remote_worker(&proxy, tokenizer.clone());
         let mut handle = worker
@@ -483,10 +463,7 @@ fn remote_worker_at(
 #[test]
 fn a_servers_window_is_read_from_its_model_list_or_its_props() {
     let env = Env::new();
-    let tokenizer = Arc::new(
-        synthia_bot::inference::tokenizer::TextTokenizer::from_file(&common::tokenizer_path())
-            .unwrap(),
-    );
+    let tokenizer = common::llama2();
     env.rt.block_on(async {
         for (path, body, window) in [
             (

@@ -120,6 +120,34 @@ pub fn run_piped(cmd: &mut std::process::Command, input: &str) -> std::process::
     out
 }
 
+/// Everything `out` prints, gathered on a thread, so a test can wait for what it shows.
+pub fn gather(
+    mut out: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let shared = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            shared
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
+}
+
+/// The real Llama-2 tokenizer, loaded.
+pub fn llama2() -> std::sync::Arc<synthia_bot::inference::tokenizer::TextTokenizer> {
+    std::sync::Arc::new(
+        synthia_bot::inference::tokenizer::TextTokenizer::from_file(&tokenizer_path()).unwrap(),
+    )
+}
+
 /// How many answers a piped `chat` printed.
 pub fn chat_answers(out: &std::process::Output) -> usize {
     String::from_utf8_lossy(&out.stdout)
