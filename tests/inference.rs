@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
-use synthia_bot::config::{DTypeChoice, QuantizeChoice};
+use synthia_bot::config::{DTypeChoice, KvCacheDType, QuantizeChoice};
 use synthia_bot::inference::{
     FinishReason, GenerationEvent, GenerationRequest, LoadError, LoadOptions, SamplingParams,
     Worker, WorkerError, WorkerOptions, load,
 };
 
+/// f32 weights and f32 caches: our forward must equal candle's reference to 1e-4.
 fn opts() -> LoadOptions {
     LoadOptions {
         dtype: DTypeChoice::F32,
+        kv_cache: KvCacheDType::F32,
         ..LoadOptions::default()
     }
 }
@@ -163,6 +165,45 @@ fn greedy_matches_candle_reference_without_cache() {
         assert_eq!(r.text, want_text.trim(), "conversation {conv}");
         assert_eq!(r.completion_tokens, want.len());
     }
+}
+
+#[test]
+fn f16_caches_take_half_the_memory_and_stay_close_to_the_reference() {
+    let dir = common::tiny_hf();
+    let half = load(
+        &dir,
+        &LoadOptions {
+            dtype: DTypeChoice::F32,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let full = load(&dir, &opts()).unwrap();
+    assert_eq!(
+        half.model.cache_dtype(),
+        DType::F16,
+        "f16 is the CPU default"
+    );
+    assert_eq!(full.model.cache_dtype(), DType::F32);
+    let reference = Reference::load(&dir);
+    let mut tokens = prompt_ids("SYSTEM: You are Synthia.\nUSER: Name three rivers.\nASSISTANT:");
+    let (mut c16, mut c32) = (half.model.new_cache(), full.model.new_cache());
+    let mut l16 = half.model.forward(&tokens, &mut c16).unwrap();
+    full.model.forward(&tokens, &mut c32).unwrap();
+    // Every step's logits, prompt and decode, within a thousandth of their range.
+    for step in 0..12 {
+        let want = reference.logits(&tokens);
+        let got = l16.to_vec1::<f32>().unwrap();
+        let range = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= 1e-3 * range, "step {step}: {diff} of {range}");
+        let next = synthia_bot::inference::model::argmax(&l16).unwrap();
+        tokens.push(next);
+        l16 = half.model.forward(&[next], &mut c16).unwrap();
+        full.model.forward(&[next], &mut c32).unwrap();
+    }
+    assert_eq!(c16.len(), c32.len());
+    assert_eq!(c16.bytes() * 2, c32.bytes(), "f16 takes half of f32");
 }
 
 #[test]

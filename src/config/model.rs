@@ -28,6 +28,18 @@ pub enum DTypeChoice {
     Bf16,
 }
 
+/// What a CPU model's attention caches hold (on a GPU they take the model's dtype).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDType {
+    /// f16: half the memory of f32, and half the bytes each decode step reads.
+    #[default]
+    Auto,
+    F16,
+    /// Twice the memory; results match an f32 reference exactly.
+    F32,
+}
+
 /// Whether safetensors weights are quantised at load (GGUF files are used as they are).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 pub enum QuantizeChoice {
@@ -71,6 +83,8 @@ pub struct ModelSettings {
     pub threads: u32,
     /// Memory kept for conversations' attention caches, e.g. "1GiB", "512MiB".
     pub kv_cache_budget: ByteSize,
+    /// What CPU attention caches hold: `auto` (f16), `f16` or `f32`.
+    pub kv_cache_dtype: KvCacheDType,
     /// Requests waiting for the worker before new ones are refused as busy.
     pub queue_capacity: u32,
     /// Conversations decoded together in one pass over the weights; 1 = no batching.
@@ -96,6 +110,7 @@ impl Default for ModelSettings {
             max_new_tokens: 512,
             threads: 0,
             kv_cache_budget: ByteSize::gib(1),
+            kv_cache_dtype: KvCacheDType::Auto,
             queue_capacity: 64,
             max_batch: 8,
             prefill_chunk: 512,

@@ -3,6 +3,8 @@
 //! It knows nothing of chat platforms, prompts or memory.
 
 mod backend;
+mod cache;
+pub mod kernels;
 pub mod load;
 pub mod model;
 mod queue;

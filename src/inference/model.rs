@@ -3,8 +3,11 @@
 //! only computes its new tokens. Dense (safetensors) and quantized (GGUF) weights share it through
 //! `QMatMul`.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
+
+pub use super::cache::SeqCache;
+use super::kernels::{self, AttendJob, Heads};
 
 /// Architecture numbers of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,107 +56,20 @@ pub struct LlamaModel {
     interleaved_rope: bool,
     device: Device,
     dtype: DType,
+    cache: CacheKind,
+    /// `cos` and `sin` on the host, `[position][head_dim / 2]`, for the CPU path.
+    host_cos: Vec<f32>,
+    host_sin: Vec<f32>,
 }
 
-/// One conversation's attention cache and the token ids it covers. Keys and values live in
-/// per-layer buffers that grow in blocks and are written in place, so a decode step copies only
-/// its new token instead of the whole history.
-#[derive(Debug, Clone, Default)]
-pub struct SeqCache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
-    tokens: Vec<u32>,
-}
-
-/// Buffers grow by whole blocks of this many positions.
-const KV_BLOCK: usize = 256;
-
-impl SeqCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            kv: vec![None; num_layers],
-            tokens: Vec::new(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
-    /// Positions the buffers can hold before growing.
-    pub fn capacity(&self) -> usize {
-        self.kv
-            .iter()
-            .flatten()
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .min()
-            .unwrap_or(0)
-    }
-
-    /// Memory the buffers take.
-    pub fn bytes(&self) -> usize {
-        self.kv
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
-    }
-
-    /// Keeps the longest cached prefix of `prompt` (but never all of it: the last prompt token
-    /// is always computed, for its logits) and forgets the rest. Returns the positions kept.
-    pub fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
-        let common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let keep = common.min(prompt.len().saturating_sub(1));
-        // The buffers keep their size; positions past `keep` are overwritten later.
-        self.tokens.truncate(keep);
-        keep
-    }
-
-    /// Writes a layer's new keys/values after the cached ones; returns views of all of them.
-    fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-        max: usize,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let len = self.tokens.len();
-        let t = k.dim(2)?;
-        let need = len + t;
-        let entry = &mut self.kv[layer];
-        let cap = entry.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
-        if need > cap {
-            let new_cap = (need.div_ceil(KV_BLOCK) * KV_BLOCK).min(max.max(need));
-            let (b, h, _, d) = k.dims4()?;
-            let kb = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
-            let vb = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
-            if let Some((ok, ov)) = entry.take()
-                && len > 0
-            {
-                kb.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                vb.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-            }
-            *entry = Some((kb, vb));
-        }
-        let Some((kb, vb)) = entry.as_ref() else {
-            candle_core::bail!("attention cache buffer missing");
-        };
-        kb.slice_set(k, 2, len)?;
-        vb.slice_set(v, 2, len)?;
-        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
-    }
+/// Where attention runs and what its cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    /// Device tensors in the model's dtype, attention through candle ops (GPU, or a CPU model
+    /// in f16/bf16).
+    Tensors,
+    /// Host buffers of f16 or f32 read by our attention kernel (a CPU model in f32).
+    Host { half: bool },
 }
 
 /// One sequence's part of a batched step: its new tokens and its cache.
@@ -187,8 +103,22 @@ impl LlamaModel {
             .to_dtype(DType::F32)?
             .reshape((shape.max_position, 1))?;
         let freqs = positions.matmul(&inv_freq)?;
-        let cos = freqs.cos()?.to_dtype(dtype)?;
-        let sin = freqs.sin()?.to_dtype(dtype)?;
+        let cos = freqs.cos()?;
+        let sin = freqs.sin()?;
+        let cache = if device.is_cpu() && dtype == DType::F32 {
+            CacheKind::Host { half: true }
+        } else {
+            CacheKind::Tensors
+        };
+        let (host_cos, host_sin) = match cache {
+            CacheKind::Host { .. } => (
+                cos.flatten_all()?.to_vec1::<f32>()?,
+                sin.flatten_all()?.to_vec1::<f32>()?,
+            ),
+            CacheKind::Tensors => (Vec::new(), Vec::new()),
+        };
+        let cos = cos.to_dtype(dtype)?;
+        let sin = sin.to_dtype(dtype)?;
         Ok(Self {
             shape,
             embed,
@@ -200,7 +130,31 @@ impl LlamaModel {
             interleaved_rope,
             device: device.clone(),
             dtype,
+            cache,
+            host_cos,
+            host_sin,
         })
+    }
+
+    /// Keeps a CPU model's attention cache in f32 instead of f16 (`model.kv_cache_dtype`):
+    /// twice the memory, for results that match an f32 reference exactly.
+    pub fn use_f32_cache(&mut self, f32_cache: bool) {
+        if let CacheKind::Host { half } = &mut self.cache {
+            *half = !f32_cache;
+        }
+    }
+
+    pub fn cache_kind(&self) -> CacheKind {
+        self.cache
+    }
+
+    /// The element type attention caches hold.
+    pub fn cache_dtype(&self) -> DType {
+        match self.cache {
+            CacheKind::Host { half: true } => DType::F16,
+            CacheKind::Host { half: false } => DType::F32,
+            CacheKind::Tensors => self.dtype,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -249,18 +203,67 @@ impl LlamaModel {
             ids.extend_from_slice(item.tokens);
             positions.extend((pos..pos + t).map(|p| p as u32));
         }
-        let n = ids.len();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self
             .embed
             .embedding(&ids)?
             .to_dtype(self.dtype)?
             .unsqueeze(0)?;
-        let (cos, sin) = if items.len() == 1 {
+        // The candle path's rotary tables and masks; the host path reads its own tables.
+        let rotary = match self.cache {
+            CacheKind::Tensors => Some(self.rotary(&spans, &positions)?),
+            CacheKind::Host { .. } => None,
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, s.rms_norm_eps as f32)?;
+            let [q, k, v]: [Tensor; 3] = project(&[&layer.wq, &layer.wk, &layer.wv], &h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
+            let y = match self.cache {
+                CacheKind::Host { half } => {
+                    self.host_attention(li, items, &spans, &positions, &q, &k, &v, half)?
+                }
+                CacheKind::Tensors => {
+                    let Some(rotary) = &rotary else {
+                        candle_core::bail!("rotary tables missing");
+                    };
+                    self.tensor_attention(li, items, &spans, rotary, q, k, v)?
+                }
+            };
+            let x1 = (&x + linear(&layer.wo, &y)?)?;
+            let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, s.rms_norm_eps as f32)?;
+            let [gate, up]: [Tensor; 2] = project(&[&layer.w_gate, &layer.w_up], &h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
+            let gate = candle_nn::ops::silu(&gate)?;
+            x = (&x1 + linear(&layer.w_down, &(gate * up)?)?)?;
+        }
+        for item in items.iter_mut() {
+            item.cache.commit(item.tokens);
+        }
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|&(off, t, _)| (off + t - 1) as u32)
+            .collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = x.squeeze(0)?.index_select(&last, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, s.rms_norm_eps as f32)?;
+        linear(&self.lm_head, &x)?
+            .to_dtype(DType::F32)?
+            .contiguous()
+    }
+
+    /// Rotary tables for the step's positions and a causal mask per prompt chunk.
+    fn rotary(
+        &self,
+        spans: &[(usize, usize, usize)],
+        positions: &[u32],
+    ) -> candle_core::Result<Rotary> {
+        let (cos, sin) = if spans.len() == 1 {
             let (_, t, pos) = spans[0];
             (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
         } else {
-            let pos = Tensor::new(positions.as_slice(), &self.device)?;
+            let pos = Tensor::new(positions, &self.device)?;
             (
                 self.cos.index_select(&pos, 0)?,
                 self.sin.index_select(&pos, 0)?,
@@ -276,102 +279,205 @@ impl LlamaModel {
                 }
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Rotary { cos, sin, masks })
+    }
+
+    /// Attention on the CPU: the projections' rows rotated in place, this step's keys and values
+    /// written into each sequence's host cache, and our kernel over all sequences at once.
+    /// Returns `[1, n, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn host_attention(
+        &self,
+        li: usize,
+        items: &mut [BatchItem<'_>],
+        spans: &[(usize, usize, usize)],
+        positions: &[u32],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        half: bool,
+    ) -> candle_core::Result<Tensor> {
+        let s = &self.shape;
+        let (d, n) = (s.head_dim, positions.len());
+        let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
+        let vh = v.flatten_all()?.to_vec1::<f32>()?;
+        let (cos, sin, il) = (&self.host_cos, &self.host_sin, self.interleaved_rope);
+        kernels::rope_in_place(&mut qh, s.num_heads, d, positions, cos, sin, il);
+        kernels::rope_in_place(&mut kh, s.num_kv_heads, d, positions, cos, sin, il);
+        let width = s.num_kv_heads * d;
+        for (item, &(off, t, _)) in items.iter_mut().zip(spans) {
+            let rows = off * width..(off + t) * width;
+            item.cache.append_host(
+                li,
+                &kh[rows.clone()],
+                &vh[rows],
+                s.num_kv_heads,
+                d,
+                half,
+                s.max_position,
+            );
+        }
+        let jobs = items
+            .iter()
+            .zip(spans)
+            .map(|(item, &(off, t, pos))| {
+                let (kv, head_stride) = item.cache.host_view(li, pos + t)?;
+                Ok(AttendJob {
+                    row: off,
+                    rows: t,
+                    start: pos,
+                    kv,
+                    head_stride,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let heads = Heads {
+            heads: s.num_heads,
+            kv_heads: s.num_kv_heads,
+            head_dim: d,
+        };
+        let mut out = vec![0f32; n * s.num_heads * d];
+        let scale = 1.0 / (d as f32).sqrt();
+        let (chunks, rows): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.rows >= GEMM_ROWS);
+        kernels::attend(heads, &rows, &qh, &mut out, scale);
+        for job in &chunks {
+            self.chunk_attention(job, &qh, &mut out)?;
+        }
+        Tensor::from_vec(out, (1, n, s.num_heads * d), &self.device)
+    }
+
+    /// A prompt chunk's attention over its host cache through candle's matrix kernels: its
+    /// many query rows share every key, which the per-row kernel would convert and read again
+    /// for each row. Writes the chunk's rows of `out` (`[rows][heads][head_dim]`).
+    fn chunk_attention(
+        &self,
+        job: &AttendJob<'_>,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let s = &self.shape;
+        let (d, heads, kv_heads) = (s.head_dim, s.num_heads, s.num_kv_heads);
+        let (t, keys, width) = (job.rows, job.start + job.rows, heads * d);
+        let rows = job.row * width..(job.row + t) * width;
+        let qt = Tensor::from_slice(&q[rows.clone()], (t, heads, d), &self.device)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let (k, v) = kernels::head_major_f32(job, kv_heads, d, keys);
+        let k = Tensor::from_vec(k, (1, kv_heads, keys, d), &self.device)?;
+        let v = Tensor::from_vec(v, (1, kv_heads, keys, d), &self.device)?;
+        let n_rep = heads / kv_heads;
+        let (k, v) = if n_rep == 1 {
+            (k, v)
+        } else {
+            (
+                candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?,
+                candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?,
+            )
+        };
+        let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
+        let att = (qt.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let att = att.broadcast_add(&self.causal_mask(t, job.start)?)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        out[rows].copy_from_slice(&y);
+        Ok(())
+    }
+
+    /// Attention through candle ops, cache in device tensors (GPU, or a CPU model not in f32).
+    /// Returns `[1, n, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn tensor_attention(
+        &self,
+        li: usize,
+        items: &mut [BatchItem<'_>],
+        spans: &[(usize, usize, usize)],
+        rotary: &Rotary,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let s = &self.shape;
+        let n: usize = spans.iter().map(|&(_, t, _)| t).sum();
+        let (cos, sin, masks) = (&rotary.cos, &rotary.sin, &rotary.masks);
         let scale = 1.0 / (s.head_dim as f64).sqrt();
         let n_rep = s.num_heads / s.num_kv_heads;
         let single = items.len() == 1;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, s.rms_norm_eps as f32)?;
-            let q = linear(&layer.wq, &h)?;
-            let k = linear(&layer.wk, &h)?;
-            let v = linear(&layer.wv, &h)?;
-            let q = q
-                .reshape((1, n, s.num_heads, s.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = k
-                .reshape((1, n, s.num_kv_heads, s.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v
-                .reshape((1, n, s.num_kv_heads, s.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let (q, k) = if self.interleaved_rope {
-                (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-                )
+        let q = q
+            .reshape((1, n, s.num_heads, s.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((1, n, s.num_kv_heads, s.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((1, n, s.num_kv_heads, s.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = if self.interleaved_rope {
+            (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            )
+        };
+        // Attention is per sequence: each looks only at its own cache.
+        let mut ys = Vec::with_capacity(items.len());
+        for ((item, &(off, t, _)), mask) in items.iter_mut().zip(spans).zip(masks) {
+            let (qi, ki, vi) = if single {
+                (q.clone(), k.clone(), v.clone())
             } else {
                 (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                    q.narrow(2, off, t)?.contiguous()?,
+                    k.narrow(2, off, t)?.contiguous()?,
+                    v.narrow(2, off, t)?.contiguous()?,
                 )
             };
-            // Attention is per sequence: each looks only at its own cache.
-            let mut ys = Vec::with_capacity(items.len());
-            for ((item, &(off, t, _)), mask) in items.iter_mut().zip(&spans).zip(&masks) {
-                let (qi, ki, vi) = if single {
-                    (q.clone(), k.clone(), v.clone())
-                } else {
-                    (
-                        q.narrow(2, off, t)?.contiguous()?,
-                        k.narrow(2, off, t)?.contiguous()?,
-                        v.narrow(2, off, t)?.contiguous()?,
-                    )
-                };
-                let (kall, vall) = item.cache.append(li, &ki, &vi, s.max_position)?;
-                // Views into the cache buffers work as they are; only grouped-query heads need
-                // expanding (a copy).
-                let (kall, vall) = if n_rep == 1 {
-                    (kall, vall)
-                } else {
-                    (
-                        candle_transformers::utils::repeat_kv(kall.contiguous()?, n_rep)?
-                            .contiguous()?,
-                        candle_transformers::utils::repeat_kv(vall.contiguous()?, n_rep)?
-                            .contiguous()?,
-                    )
-                };
-                let att = (qi.matmul(&kall.t()?)? * scale)?;
-                let att = match mask {
-                    Some(m) => att.broadcast_add(m)?,
-                    None => att,
-                };
-                let att = if self.dtype == DType::F32 {
-                    candle_nn::ops::softmax_last_dim(&att)?
-                } else {
-                    candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
-                        .to_dtype(self.dtype)?
-                };
-                ys.push(att.matmul(&vall)?);
-            }
-            let y = if single {
-                ys.remove(0)
+            let (kall, vall) = item.cache.append_tensors(li, &ki, &vi, s.max_position)?;
+            // Views into the cache buffers work as they are; only grouped-query heads need
+            // expanding (a copy).
+            let (kall, vall) = if n_rep == 1 {
+                (kall, vall)
             } else {
-                Tensor::cat(&ys, 2)?
+                (
+                    candle_transformers::utils::repeat_kv(kall.contiguous()?, n_rep)?
+                        .contiguous()?,
+                    candle_transformers::utils::repeat_kv(vall.contiguous()?, n_rep)?
+                        .contiguous()?,
+                )
             };
-            let y = y
-                .transpose(1, 2)?
-                .reshape((1, n, s.num_heads * s.head_dim))?;
-            let x1 = (&x + linear(&layer.wo, &y)?)?;
-            let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, s.rms_norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&linear(&layer.w_gate, &h)?)?;
-            let up = linear(&layer.w_up, &h)?;
-            x = (&x1 + linear(&layer.w_down, &(gate * up)?)?)?;
+            let att = (qi.matmul(&kall.t()?)? * scale)?;
+            let att = match mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
+            let att = if self.dtype == DType::F32 {
+                candle_nn::ops::softmax_last_dim(&att)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
+                    .to_dtype(self.dtype)?
+            };
+            ys.push(att.matmul(&vall)?);
         }
-        for item in items.iter_mut() {
-            item.cache.tokens.extend_from_slice(item.tokens);
-        }
-        let last: Vec<u32> = spans
-            .iter()
-            .map(|&(off, t, _)| (off + t - 1) as u32)
-            .collect();
-        let last = Tensor::new(last.as_slice(), &self.device)?;
-        let x = x.squeeze(0)?.index_select(&last, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, s.rms_norm_eps as f32)?;
-        linear(&self.lm_head, &x)?
-            .to_dtype(DType::F32)?
-            .contiguous()
+        let y = if single {
+            ys.remove(0)
+        } else {
+            Tensor::cat(&ys, 2)?
+        };
+        let y = y
+            .transpose(1, 2)?
+            .reshape((1, n, s.num_heads * s.head_dim))?;
+        Ok(y)
     }
 
     /// Position i (absolute `offset + i`) may look at keys 0..=offset+i.
@@ -409,6 +515,68 @@ impl LlamaModel {
             None => candle_core::bail!("empty prompt"),
         }
     }
+}
+
+/// The candle path's rotary tables for a step's positions and each sequence's causal mask.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    masks: Vec<Option<Tensor>>,
+}
+
+/// Rows of a prompt chunk from which its attention goes through candle's matrix kernels
+/// instead of our per-row kernel.
+const GEMM_ROWS: usize = 16;
+
+/// Rows of a decode step (one per sequence) up to which projections sharing an input are
+/// computed together; longer prompt chunks take candle's matrix kernels one weight at a time.
+const FUSED_ROWS: usize = 16;
+
+/// `x · wᵀ` for several weights sharing the input `x` (q/k/v, gate/up). Quantised weights of
+/// one type go through candle's fused kernel: the input is quantised once and one pass of the
+/// thread pool covers all of them. Anything else is multiplied one weight at a time.
+fn project(ws: &[&QMatMul], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    let rows = x.elem_count() / x.dim(D::Minus1)?;
+    let mut out: Vec<Option<Tensor>> = vec![None; ws.len()];
+    if rows <= FUSED_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
+        let quantised: Vec<(usize, &QTensor)> = ws
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| match w {
+                QMatMul::QTensor(t) => Some((i, t.as_ref())),
+                _ => None,
+            })
+            .collect();
+        let mut dtypes = Vec::new();
+        for (_, t) in &quantised {
+            if !dtypes.contains(&t.dtype()) {
+                dtypes.push(t.dtype());
+            }
+        }
+        for dtype in dtypes {
+            let group: Vec<(usize, &QTensor)> = quantised
+                .iter()
+                .copied()
+                .filter(|(_, t)| t.dtype() == dtype)
+                .collect();
+            if group.len() < 2 {
+                continue;
+            }
+            let ts: Vec<&QTensor> = group.iter().map(|(_, t)| *t).collect();
+            if let Some(ys) = QTensor::gemv_fused_shared_lhs(&ts, x)? {
+                for ((i, _), y) in group.iter().zip(ys) {
+                    out[*i] = Some(y);
+                }
+            }
+        }
+    }
+    ws.iter()
+        .zip(out)
+        .map(|(w, y)| match y {
+            Some(y) => Ok(y),
+            None => linear(w, x),
+        })
+        .collect()
 }
 
 /// `x · wᵀ` for rows of `x`. With a handful of rows (batched decode) dense weights are

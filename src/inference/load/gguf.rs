@@ -1,6 +1,7 @@
 //! Quantised weights from one GGUF file (llama.cpp's format): the shape from its metadata, every
 //! tensor checked, the matrices kept quantised and the norms expanded.
 
+use crate::config::KvCacheDType;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -230,7 +231,7 @@ pub(super) fn load_gguf(
         });
     }
     progress.finish();
-    let model = LlamaModel::new(
+    let mut model = LlamaModel::new(
         shape,
         embed,
         layers,
@@ -241,6 +242,7 @@ pub(super) fn load_gguf(
         DType::F32,
     )
     .map_err(|e| read_err(e.to_string()))?;
+    model.use_f32_cache(opts.kv_cache == KvCacheDType::F32);
     let eos = eos_ids(config_eos.as_ref(), &tokenizer);
     let weight_bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
     Ok(LoadedModel {

@@ -22,7 +22,7 @@ pub use hf::{declared_context, tokenizer_path};
 
 use super::model::LlamaModel;
 use super::tokenizer::{TextTokenizer, TokenizerError};
-use crate::config::{DTypeChoice, DeviceChoice, ModelSettings, QuantizeChoice};
+use crate::config::{DTypeChoice, DeviceChoice, KvCacheDType, ModelSettings, QuantizeChoice};
 use quantize::Quantization;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,8 @@ pub struct LoadOptions {
     pub quantized_dir: PathBuf,
     /// Threads quantising; 0 = one per core.
     pub threads: usize,
+    /// What CPU attention caches hold.
+    pub kv_cache: KvCacheDType,
 }
 
 impl Default for LoadOptions {
@@ -122,6 +124,7 @@ impl Default for LoadOptions {
             quantize: QuantizeChoice::None,
             quantized_dir: PathBuf::from(DEFAULT_QUANTIZED_DIR),
             threads: 0,
+            kv_cache: KvCacheDType::Auto,
         }
     }
 }
@@ -143,6 +146,7 @@ impl LoadOptions {
                 &settings.quantized_dir
             }),
             threads: settings.threads as usize,
+            kv_cache: settings.kv_cache_dtype,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Dense weights from a Hugging Face directory: one `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`. Every name and shape is checked before any tensor is read.
 
+use crate::config::KvCacheDType;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -261,11 +262,12 @@ pub(super) fn load_safetensors_dir(
     }
     let norm = get(GlobalWeight::Norm.hf())?;
     progress.into_inner().finish();
-    let model = LlamaModel::new(shape, embed, layers, norm, lm_head, false, device, dtype)
+    let mut model = LlamaModel::new(shape, embed, layers, norm, lm_head, false, device, dtype)
         .map_err(|e| LoadError::Read {
             path: dir.to_path_buf(),
             message: e.to_string(),
         })?;
+    model.use_f32_cache(opts.kv_cache == KvCacheDType::F32);
     let eos = eos_ids(cfg.eos_token_id.as_ref(), &tokenizer);
     Ok(LoadedModel {
         model,
