@@ -144,10 +144,6 @@ impl LlamaModel {
         }
     }
 
-    pub fn cache_kind(&self) -> CacheKind {
-        self.cache
-    }
-
     /// The element type attention caches hold.
     pub fn cache_dtype(&self) -> DType {
         match self.cache {
