@@ -484,7 +484,8 @@ fn gguf_and_sharded_models_load_and_agree() {
     );
     assert_eq!(gg_ids, st_ids);
 
-    // Quantised GGUF: our forward equals candle-transformers' quantized llama on the same file.
+    // Quantised GGUF: our forward equals candle-transformers' quantized llama on the same file
+    // (for Q8_0 see below).
     for preset in ["q8_0", "q4_k_m"] {
         let path = common::tiny_gguf(preset);
         let (ids, logits) = our_greedy(&path, &prompt, 12);
@@ -509,7 +510,19 @@ fn gguf_and_sharded_models_load_and_agree() {
             .to_vec1::<f32>()
             .unwrap();
         let diff = max_abs_diff(&want, &logits);
-        assert!(diff <= 1e-3, "{preset}: {diff}");
+        if preset == "q8_0" {
+            // Q8_0 weights meet activations quantised per 32 values (as llama.cpp does); candle
+            // quantises them per 32 or, in its repacked AVX-512 kernels, per 256, depending on
+            // the CPU. So ours equals candle's, or is no further from the unquantised model.
+            let ours = max_abs_diff(&logits, &st_logits);
+            let theirs = max_abs_diff(&want, &st_logits);
+            assert!(
+                diff <= 1e-3 || ours <= 1.1 * theirs,
+                "{preset}: {diff} from candle's, {ours} from f32 (candle's: {theirs})"
+            );
+        } else {
+            assert!(diff <= 1e-3, "{preset}: {diff}");
+        }
         let w = worker(&path, WorkerOptions::default());
         let r = w
             .submit(request("g", prompt.clone(), 8))

@@ -27,6 +27,15 @@ def quantize(src, dst, ftype, threads):
     print(json.dumps({"seconds": time.time() - t}))
 
 
+def rss_bytes():
+    """This process's resident memory (the interpreter's own few tens of MB included)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Engine:
     def __init__(self, path, threads):
         L.llama_backend_init()
@@ -36,6 +45,8 @@ class Engine:
             raise SystemExit(f"llama.cpp cannot load {path}")
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.threads = threads
+        self.load_rss = rss_bytes()
+        self.reply_rss = 0
 
     def context(self, n_ctx, n_seq):
         cp = L.llama_context_default_params()
@@ -93,6 +104,8 @@ class Engine:
             pos += 1
             nxt = self.argmax(ctx, -1)
         dec = decode / (time.perf_counter() - t)
+        # Resident memory with the conversation's context still held, as ours is measured.
+        self.reply_rss = max(self.reply_rss, rss_bytes())
         L.llama_free(ctx)
         return prefill, dec
 
@@ -131,6 +144,8 @@ def speed(path, threads, prompt_len, decode, conversations, repeats):
         "decode_tokens_per_s": med([r[1] for r in runs]),
         "decode_after_3000_tokens_per_s": med(long),
         "aggregate_decode_tokens_per_s": agg,
+        "load_rss_bytes": e.load_rss,
+        "reply_rss_bytes": e.reply_rss,
     }))
 
 

@@ -532,6 +532,9 @@ const FUSED_ROWS: usize = 16;
 /// one type go through candle's fused kernel: the input is quantised once and one pass of the
 /// thread pool covers all of them. Anything else is multiplied one weight at a time.
 fn project(ws: &[&QMatMul], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    if let Some(ys) = quantised(ws, x)? {
+        return Ok(ys);
+    }
     let rows = x.elem_count() / x.dim(D::Minus1)?;
     let mut out: Vec<Option<Tensor>> = vec![None; ws.len()];
     if rows <= FUSED_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
@@ -575,10 +578,66 @@ fn project(ws: &[&QMatMul], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         .collect()
 }
 
+/// `x · wᵀ` for every weight of `ws` through our quantised kernels, which read the stored blocks
+/// (no second copy of the weights) and quantise `x` once for all of them. `None` unless `x` is
+/// f32 on a CPU with our AVX2 or AVX-512 loops and every weight is Q4_K, Q6_K or Q8_0 with rows of whole
+/// 256-value blocks; candle's kernels take the rest.
+fn quantised(ws: &[&QMatMul], x: &Tensor) -> candle_core::Result<Option<Vec<Tensor>>> {
+    use candle_core::quantized::GgmlDType;
+    use kernels::quant::{QWeight, QuantKind};
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || kernels::quant::Loops::detected() == kernels::quant::Loops::Portable
+    {
+        return Ok(None);
+    }
+    let mut tensors = Vec::with_capacity(ws.len());
+    for w in ws {
+        let QMatMul::QTensor(t) = w else {
+            return Ok(None);
+        };
+        tensors.push(t.as_ref());
+    }
+    let data = tensors
+        .iter()
+        .map(|t| t.data())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let k = x.dim(D::Minus1)?;
+    let mut weights = Vec::with_capacity(ws.len());
+    for (t, bytes) in tensors.iter().zip(&data) {
+        let kind = match t.dtype() {
+            GgmlDType::Q4K => QuantKind::Q4K,
+            GgmlDType::Q6K => QuantKind::Q6K,
+            GgmlDType::Q8_0 => QuantKind::Q8_0,
+            _ => return Ok(None),
+        };
+        let (n, cols) = t.shape().dims2()?;
+        match QWeight::new(kind, n, cols, bytes) {
+            Some(w) if cols == k => weights.push(w),
+            _ => return Ok(None),
+        }
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let dims = x.dims().to_vec();
+    kernels::quant::matmul(&weights, &xs)
+        .into_iter()
+        .zip(&weights)
+        .map(|(y, w)| {
+            let mut shape = dims.clone();
+            shape[dims.len() - 1] = w.rows();
+            Tensor::from_vec(y, shape, x.device())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map(Some)
+}
+
 /// `x · wᵀ` for rows of `x`. With a handful of rows (batched decode) dense weights are
 /// multiplied the other way round, `(w · xᵀ)ᵀ`, so the matrix kernel's tile runs along the
 /// weight's many rows instead of being mostly padding around a few input rows.
 fn linear(w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(mut ys) = quantised(&[w], x)? {
+        return Ok(ys.remove(0));
+    }
     let rows = x.elem_count() / x.dim(D::Minus1)?;
     match w {
         QMatMul::Tensor(wt) if (2..=32).contains(&rows) => {

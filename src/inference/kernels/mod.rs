@@ -1,6 +1,8 @@
-//! Hand-written CPU kernels for the steps candle spends most of a small step on: attention over
-//! a conversation's cache and rotary embeddings, both read in the layout the projections write
-//! (`[position][head][head_dim]`), so no transposes or copies come between them.
+//! Hand-written CPU kernels for the steps candle spends most of a step on: attention over a
+//! conversation's cache and rotary embeddings, both read in the layout the projections write
+//! (`[position][head][head_dim]`), so no transposes or copies come between them; and the
+//! products with quantised weights (`quant`), read in their stored blocks, with portable, AVX2
+//! and AVX-512 loops.
 //!
 //! The attention cache is f16 or f32. Each (query row, head) pair is one unit of work on candle's
 //! own thread pool, the one its matrix kernels use, so the two never compete. The inner loops
@@ -118,7 +120,58 @@ pub fn detected_isa() -> Isa {
     })
 }
 
+/// The loop over a block's weight rows and the choice on how many activation rows it takes
+/// (one to four), around row kernels `q4k`, `q6k` and `q8_0` that a module compiles for
+/// `$features`: each instruction set's module states only its row kernels.
+#[cfg(target_arch = "x86_64")]
+macro_rules! quant_block_fns {
+    ($features:literal) => {
+        /// The block loops for `kind`.
+        pub(super) fn block_fn(kind: QuantKind) -> BlockFn {
+            match kind {
+                QuantKind::Q4K => |w, first, a, out| quant_block_fns!(@pick q4k_rows, w, first, a, out),
+                QuantKind::Q6K => |w, first, a, out| quant_block_fns!(@pick q6k_rows, w, first, a, out),
+                QuantKind::Q8_0 => |w, first, a, out| quant_block_fns!(@pick q8_0_rows, w, first, a, out),
+            }
+        }
+        quant_block_fns!(@rows $features, q4k_rows, q4k);
+        quant_block_fns!(@rows $features, q6k_rows, q6k);
+        quant_block_fns!(@rows $features, q8_0_rows, q8_0);
+    };
+    (@rows $features:literal, $name:ident, $row:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(
+            w: &QWeight<'_>,
+            first: usize,
+            acts: &[&[ActBlock]; R],
+            out: &mut [[f32; MAX_ROWS]],
+        ) {
+            for (j, o) in out.iter_mut().enumerate() {
+                let got = unsafe { $row::<R>(w.row(first + j), acts) };
+                o[..R].copy_from_slice(&got);
+            }
+        }
+    };
+    (@pick $name:ident, $w:ident, $first:ident, $a:ident, $out:ident) => {
+        // SAFETY: a module's loops are chosen only where its instruction set was detected, and
+        // `matmul_with` hands them weight rows of whole blocks and activation rows of as many.
+        unsafe {
+            match $a.len() {
+                1 => $name::<1>($w, $first, &[$a[0]], $out),
+                2 => $name::<2>($w, $first, &[$a[0], $a[1]], $out),
+                3 => $name::<3>($w, $first, &[$a[0], $a[1], $a[2]], $out),
+                _ => $name::<4>($w, $first, &[$a[0], $a[1], $a[2], $a[3]], $out),
+            }
+        }
+    };
+}
+
 mod attention;
+pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx512;
+#[cfg(target_arch = "x86_64")]
+mod quant_x86;
 mod rope;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -1,0 +1,217 @@
+//! AVX2 (with FMA and F16C) loops of the quantised products: each weight row of a block is
+//! unpacked once and multiplied with `R` activation rows. Unsigned weight values times signed
+//! activations go through `maddubs`, and the pairs' sums are multiplied by each sub-block's scale
+//! in the same `madd`, so a K-quant super-block needs one float step per row.
+
+use super::quant::{ActBlock, BlockFn, MAX_ROWS, QWeight, QuantKind};
+use std::arch::x86_64::*;
+
+quant_block_fns!("avx2,fma,f16c");
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum_epi32_128(v: __m128i) -> i32 {
+    let s = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load(p: *const u8) -> __m256i {
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// The f16 at `p`, converted in a register (no call into a library's dispatch).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = unsafe { std::ptr::read_unaligned(p as *const u16) };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// A 128-bit shuffle that spreads byte `a` over the low eight bytes and byte `b` over the high.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn spread(a: u8, b: u8) -> __m128i {
+    let rep = |x: u8| (x as u64 * 0x0101_0101_0101_0101) as i64;
+    _mm_set_epi64x(rep(b), rep(a))
+}
+
+/// A Q4_K block's eight 6-bit scales (bytes 0..8) and minimums (bytes 8..16), unpacked a
+/// 32-bit word at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q4k_scales_mins(blk: &[u8]) -> __m128i {
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            blk[4 + 4 * i],
+            blk[5 + 4 * i],
+            blk[6 + 4 * i],
+            blk[7 + 4 * i],
+        ])
+    };
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let sc_lo = u0 & 0x3f3f_3f3f;
+    let sc_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
+    let mn_lo = u1 & 0x3f3f_3f3f;
+    let mn_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
+    _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32)
+}
+
+/// Q4_K (layout in `quant::dot_q4k`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut facc = [_mm256_setzero_ps(); R];
+    let mut mins_total = [0f32; R];
+    for (b, blk) in w.chunks_exact(144).enumerate() {
+        let p = blk.as_ptr();
+        let (d, dmin) = unsafe { (f16_at(p), f16_at(p.add(2))) };
+        let sm = q4k_scales_mins(blk);
+        let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(sm));
+        let qs = unsafe { p.add(16) };
+        let mut isum = [_mm256_setzero_si256(); R];
+        for c in 0..4 {
+            let q = unsafe { load(qs.add(32 * c)) };
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+            let s = _mm_shuffle_epi8(sm, spread(2 * c as u8, 2 * c as u8 + 1));
+            let slo = _mm256_broadcastw_epi16(_mm_cvtepu8_epi16(s));
+            let shi = _mm256_broadcastw_epi16(_mm_cvtepu8_epi16(_mm_srli_si128::<8>(s)));
+            for (r, acc) in isum.iter_mut().enumerate() {
+                let ap = acts[r][b].qs.as_ptr() as *const u8;
+                let (alo, ahi) = unsafe { (load(ap.add(64 * c)), load(ap.add(64 * c + 32))) };
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), slo);
+                let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), shi);
+                *acc = _mm256_add_epi32(*acc, _mm256_add_epi32(p, p2));
+            }
+        }
+        for r in 0..R {
+            let a = &acts[r][b];
+            facc[r] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(isum[r]),
+                _mm256_set1_ps(d * a.d),
+                facc[r],
+            );
+            let s16 = a.sums.as_ptr() as *const __m128i;
+            let (s_lo, s_hi) = unsafe { (_mm_loadu_si128(s16), _mm_loadu_si128(s16.add(1))) };
+            // Sums of 32 values: adjacent pairs of the sixteen 16-value sums.
+            let sums32 = _mm_hadd_epi16(s_lo, s_hi);
+            let m = hsum_epi32_128(_mm_madd_epi16(mins, sums32));
+            mins_total[r] += dmin * a.d * m as f32;
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(facc[r]) - mins_total[r];
+    }
+    out
+}
+
+/// Q6_K (layout in `quant::dot_q6k`): the raw 6-bit values (0..63) go through `maddubs`, and
+/// the offset of 32 is taken off with the activations' 16-value sums.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut facc = [_mm256_setzero_ps(); R];
+    for (b, blk) in w.chunks_exact(210).enumerate() {
+        let p = blk.as_ptr();
+        let (ql, qh) = (p, unsafe { p.add(128) });
+        let d = unsafe { f16_at(p.add(208)) };
+        let sc = unsafe { _mm_loadu_si128(p.add(192) as *const __m128i) };
+        let sc16 = _mm256_cvtepi8_epi16(sc);
+        let mut isum = [_mm256_setzero_si256(); R];
+        for h in 0..2 {
+            let (ql0, ql1, qhv) = unsafe {
+                (
+                    load(ql.add(64 * h)),
+                    load(ql.add(64 * h + 32)),
+                    load(qh.add(32 * h)),
+                )
+            };
+            let v = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<4>(qhv), m30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<2>(qhv), m30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                    _mm256_and_si256(qhv, m30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qhv), m30),
+                ),
+            ];
+            // Each 32 values span two 16-value sub-blocks: one scale per 128-bit half.
+            let mut s = [_mm256_setzero_si256(); 4];
+            for (i, s) in s.iter_mut().enumerate() {
+                let at = (8 * h + 2 * i) as u8;
+                *s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, spread(at, at + 1)));
+            }
+            for (r, acc) in isum.iter_mut().enumerate() {
+                let ap = unsafe { (acts[r][b].qs.as_ptr() as *const u8).add(128 * h) };
+                for i in 0..4 {
+                    let a = unsafe { load(ap.add(32 * i)) };
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(v[i], a), s[i]);
+                    *acc = _mm256_add_epi32(*acc, p);
+                }
+            }
+        }
+        for r in 0..R {
+            let a = &acts[r][b];
+            let sums = unsafe { _mm256_loadu_si256(a.sums.as_ptr() as *const __m256i) };
+            let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, sums));
+            let total = _mm256_sub_epi32(isum[r], offset);
+            facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(d * a.d), facc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(facc[r]);
+    }
+    out
+}
+
+/// Q8_0 (layout in `quant::dot_q8_0`): |w| times the activations with w's sign, so `maddubs`
+/// takes signed weights (Q8_0 values lie in -127..=127, as do the activations).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
+    let ones = _mm256_set1_epi16(1);
+    let mut facc = [_mm256_setzero_ps(); R];
+    for (j, blk) in w.chunks_exact(34).enumerate() {
+        let dw = unsafe { f16_at(blk.as_ptr()) };
+        let q = unsafe { load(blk.as_ptr().add(2)) };
+        let aq = _mm256_abs_epi8(q);
+        let (b, off) = (j / 8, (j % 8) * 32);
+        for r in 0..R {
+            let a = &acts[r][b];
+            let x = unsafe { load((a.qs.as_ptr() as *const u8).add(off)) };
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(x, q)), ones);
+            let scale = _mm256_set1_ps(dw * a.d32[j % 8]);
+            facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, facc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum_ps(facc[r]);
+    }
+    out
+}
