@@ -18,7 +18,7 @@ use clap::Args;
 pub use report::{BenchReport, ConcurrencyFigure, print_human};
 
 use self::random_model::GgufPreset;
-use crate::config::{DTypeChoice, DeviceChoice};
+use crate::config::{CpuWeights, DTypeChoice, DeviceChoice};
 use crate::inference::model::argmax;
 use crate::inference::tokenizer::TextTokenizer;
 use crate::inference::{
@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// Safetensors dtype on the device.
     #[arg(long, value_parser = ["auto", "f32", "f16", "bf16"], default_value = "auto")]
     pub dtype: String,
+    /// How a CPU model multiplies quantised weights (`model.cpu_weights`).
+    #[arg(long, value_parser = ["auto", "repacked", "compact"], default_value = "auto")]
+    pub cpu_weights: String,
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -232,6 +235,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             _ => DTypeChoice::Auto,
         },
         tokenizer: None,
+        cpu_weights: match args.cpu_weights.as_str() {
+            "repacked" => CpuWeights::Repacked,
+            "compact" => CpuWeights::Compact,
+            _ => CpuWeights::Auto,
+        },
         ..LoadOptions::default()
     };
     let t0 = Instant::now();
@@ -239,6 +247,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let load_s = t0.elapsed().as_secs_f64();
     let load_rss_bytes = rss_bytes();
     let model = &loaded.model;
+    let compact_weights = model.compact_weights();
     let tok = loaded.tokenizer.clone();
     let ctx = model.shape.max_position;
 
@@ -417,6 +426,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         concurrency,
         join_ttft_ms,
         load_rss_bytes,
+        compact_weights,
         model_rss_bytes,
         peak_rss_bytes: peak_rss_bytes(),
     })

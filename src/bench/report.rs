@@ -39,6 +39,8 @@ pub struct BenchReport {
     pub join_ttft_ms: Option<f64>,
     /// Resident memory right after loading.
     pub load_rss_bytes: u64,
+    /// Quantised weights multiplied in their stored blocks (`--cpu-weights`).
+    pub compact_weights: bool,
     /// Resident memory once the model is loaded and has decoded one reply (weights, repacked
     /// kernels, one conversation's cache).
     pub model_rss_bytes: u64,
@@ -111,5 +113,11 @@ pub fn print_human(r: &BenchReport, out: &mut impl std::io::Write) -> std::io::R
         mib(r.model_rss_bytes),
         mib(r.peak_rss_bytes)
     )?;
+    if r.compact_weights {
+        writeln!(
+            out,
+            "weights      quantised weights multiplied in their stored blocks"
+        )?;
+    }
     Ok(())
 }

@@ -19,7 +19,9 @@ mod size;
 
 pub use inference::{BackendChoice, InferenceSettings};
 pub use load::Sources;
-pub use model::{DTypeChoice, DeviceChoice, KvCacheDType, ModelSettings, QuantizeChoice};
+pub use model::{
+    CpuWeights, DTypeChoice, DeviceChoice, KvCacheDType, ModelSettings, QuantizeChoice,
+};
 pub use platforms::{
     AccessSettings, ConsoleSettings, DiscordSettings, MatrixSettings, ShardPlan, ShardSettings,
 };

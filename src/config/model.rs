@@ -40,6 +40,21 @@ pub enum KvCacheDType {
     F32,
 }
 
+/// How a CPU model multiplies its quantised (GGUF) weights.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuWeights {
+    /// `repacked` when the file fits two and a half times in the memory available at load,
+    /// `compact` otherwise.
+    #[default]
+    Auto,
+    /// candle's kernels, the fastest on AVX-512 CPUs, which keep a tiled copy of each weight
+    /// beside the stored one (about 2.3 times the file once a prompt has run).
+    Repacked,
+    /// Our kernels on the stored blocks: one copy of the weights, about half the memory.
+    Compact,
+}
+
 /// Whether safetensors weights are quantised at load (GGUF files are used as they are).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 pub enum QuantizeChoice {
@@ -85,6 +100,8 @@ pub struct ModelSettings {
     pub kv_cache_budget: ByteSize,
     /// What CPU attention caches hold: `auto` (f16), `f16` or `f32`.
     pub kv_cache_dtype: KvCacheDType,
+    /// How a CPU model multiplies quantised weights: `auto`, `repacked` or `compact`.
+    pub cpu_weights: CpuWeights,
     /// Requests waiting for the worker before new ones are refused as busy.
     pub queue_capacity: u32,
     /// Conversations decoded together in one pass over the weights; 1 = no batching.
@@ -111,6 +128,7 @@ impl Default for ModelSettings {
             threads: 0,
             kv_cache_budget: ByteSize::gib(1),
             kv_cache_dtype: KvCacheDType::Auto,
+            cpu_weights: CpuWeights::Auto,
             queue_capacity: 64,
             max_batch: 8,
             prefill_chunk: 512,

@@ -60,6 +60,8 @@ pub struct LlamaModel {
     /// `cos` and `sin` on the host, `[position][head_dim / 2]`, for the CPU path.
     host_cos: Vec<f32>,
     host_sin: Vec<f32>,
+    /// Quantised weights multiplied in their stored blocks by our kernels (`model.cpu_weights`).
+    compact: bool,
 }
 
 /// Where attention runs and what its cache holds.
@@ -133,7 +135,23 @@ impl LlamaModel {
             cache,
             host_cos,
             host_sin,
+            compact: false,
         })
+    }
+
+    /// Multiplies quantised weights in their stored blocks with our kernels (one copy of the
+    /// weights) instead of candle's, which keep a repacked copy beside them. Taken only where
+    /// our kernels run: a CPU model in f32 on a CPU with AVX2 or AVX-512.
+    pub fn use_compact_weights(&mut self, on: bool) {
+        self.compact = on
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && kernels::quant::Loops::detected() != kernels::quant::Loops::Portable;
+    }
+
+    /// Whether quantised weights are multiplied in their stored blocks.
+    pub fn compact_weights(&self) -> bool {
+        self.compact
     }
 
     /// Keeps a CPU model's attention cache in f32 instead of f16 (`model.kv_cache_dtype`):
@@ -212,9 +230,10 @@ impl LlamaModel {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, s.rms_norm_eps as f32)?;
-            let [q, k, v]: [Tensor; 3] = project(&[&layer.wq, &layer.wk, &layer.wv], &h)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
+            let [q, k, v]: [Tensor; 3] =
+                project(&[&layer.wq, &layer.wk, &layer.wv], &h, self.compact)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
             let y = match self.cache {
                 CacheKind::Host { half } => {
                     self.host_attention(li, items, &spans, &positions, &q, &k, &v, half)?
@@ -226,13 +245,13 @@ impl LlamaModel {
                     self.tensor_attention(li, items, &spans, rotary, q, k, v)?
                 }
             };
-            let x1 = (&x + linear(&layer.wo, &y)?)?;
+            let x1 = (&x + linear(&layer.wo, &y, self.compact)?)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, s.rms_norm_eps as f32)?;
-            let [gate, up]: [Tensor; 2] = project(&[&layer.w_gate, &layer.w_up], &h)?
+            let [gate, up]: [Tensor; 2] = project(&[&layer.w_gate, &layer.w_up], &h, self.compact)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
             let gate = candle_nn::ops::silu(&gate)?;
-            x = (&x1 + linear(&layer.w_down, &(gate * up)?)?)?;
+            x = (&x1 + linear(&layer.w_down, &(gate * up)?, self.compact)?)?;
         }
         for item in items.iter_mut() {
             item.cache.commit(item.tokens);
@@ -244,7 +263,7 @@ impl LlamaModel {
         let last = Tensor::new(last.as_slice(), &self.device)?;
         let x = x.squeeze(0)?.index_select(&last, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, s.rms_norm_eps as f32)?;
-        linear(&self.lm_head, &x)?
+        linear(&self.lm_head, &x, self.compact)?
             .to_dtype(DType::F32)?
             .contiguous()
     }
@@ -531,8 +550,8 @@ const FUSED_ROWS: usize = 16;
 /// `x · wᵀ` for several weights sharing the input `x` (q/k/v, gate/up). Quantised weights of
 /// one type go through candle's fused kernel: the input is quantised once and one pass of the
 /// thread pool covers all of them. Anything else is multiplied one weight at a time.
-fn project(ws: &[&QMatMul], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-    if let Some(ys) = quantised(ws, x)? {
+fn project(ws: &[&QMatMul], x: &Tensor, compact: bool) -> candle_core::Result<Vec<Tensor>> {
+    if compact && let Some(ys) = quantised(ws, x)? {
         return Ok(ys);
     }
     let rows = x.elem_count() / x.dim(D::Minus1)?;
@@ -573,7 +592,7 @@ fn project(ws: &[&QMatMul], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         .zip(out)
         .map(|(w, y)| match y {
             Some(y) => Ok(y),
-            None => linear(w, x),
+            None => linear(w, x, false),
         })
         .collect()
 }
@@ -634,8 +653,8 @@ fn quantised(ws: &[&QMatMul], x: &Tensor) -> candle_core::Result<Option<Vec<Tens
 /// `x · wᵀ` for rows of `x`. With a handful of rows (batched decode) dense weights are
 /// multiplied the other way round, `(w · xᵀ)ᵀ`, so the matrix kernel's tile runs along the
 /// weight's many rows instead of being mostly padding around a few input rows.
-fn linear(w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
-    if let Some(mut ys) = quantised(&[w], x)? {
+fn linear(w: &QMatMul, x: &Tensor, compact: bool) -> candle_core::Result<Tensor> {
+    if compact && let Some(mut ys) = quantised(&[w], x)? {
         return Ok(ys.remove(0));
     }
     let rows = x.elem_count() / x.dim(D::Minus1)?;

@@ -243,8 +243,19 @@ pub(super) fn load_gguf(
     )
     .map_err(|e| read_err(e.to_string()))?;
     model.use_f32_cache(opts.kv_cache == KvCacheDType::F32);
-    let eos = eos_ids(config_eos.as_ref(), &tokenizer);
     let weight_bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
+    let compact = super::compact_weights(opts.cpu_weights, weight_bytes, super::available_memory());
+    model.use_compact_weights(compact);
+    tracing::info!(
+        compact = model.compact_weights(),
+        "quantised weights: {}",
+        if model.compact_weights() {
+            "multiplied in their stored blocks (one copy)"
+        } else {
+            "through candle's kernels (repacked copies on first use)"
+        }
+    );
+    let eos = eos_ids(config_eos.as_ref(), &tokenizer);
     Ok(LoadedModel {
         model,
         tokenizer: Arc::new(tokenizer),

@@ -22,7 +22,9 @@ pub use hf::{declared_context, tokenizer_path};
 
 use super::model::LlamaModel;
 use super::tokenizer::{TextTokenizer, TokenizerError};
-use crate::config::{DTypeChoice, DeviceChoice, KvCacheDType, ModelSettings, QuantizeChoice};
+use crate::config::{
+    CpuWeights, DTypeChoice, DeviceChoice, KvCacheDType, ModelSettings, QuantizeChoice,
+};
 use quantize::Quantization;
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,8 @@ pub struct LoadOptions {
     pub threads: usize,
     /// What CPU attention caches hold.
     pub kv_cache: KvCacheDType,
+    /// How a CPU model multiplies quantised weights.
+    pub cpu_weights: CpuWeights,
 }
 
 impl Default for LoadOptions {
@@ -125,8 +129,29 @@ impl Default for LoadOptions {
             quantized_dir: PathBuf::from(DEFAULT_QUANTIZED_DIR),
             threads: 0,
             kv_cache: KvCacheDType::Auto,
+            cpu_weights: CpuWeights::Auto,
         }
     }
+}
+
+/// Whether a quantised model of `file_bytes` multiplies its weights in their stored blocks:
+/// asked for, or (`auto`) when candle's repacked copies, which bring the weights to about 2.3
+/// times the file, would not fit in `available` bytes with room to spare. Unknown free memory
+/// keeps the faster repacked kernels.
+pub fn compact_weights(choice: CpuWeights, file_bytes: u64, available: Option<u64>) -> bool {
+    match choice {
+        CpuWeights::Compact => true,
+        CpuWeights::Repacked => false,
+        CpuWeights::Auto => available.is_some_and(|a| file_bytes.saturating_mul(5) / 2 > a),
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, where there is one.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Quantised copies of local model directories, when `model.quantized_dir` is empty.
@@ -147,6 +172,7 @@ impl LoadOptions {
             }),
             threads: settings.threads as usize,
             kv_cache: settings.kv_cache_dtype,
+            cpu_weights: settings.cpu_weights,
         }
     }
 
@@ -336,5 +362,27 @@ fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
             }
             DType::BF16
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_weights_when_asked_or_when_the_repacked_copies_would_not_fit() {
+        let gb = 1 << 30;
+        assert!(compact_weights(CpuWeights::Compact, 4 * gb, Some(64 * gb)));
+        assert!(!compact_weights(CpuWeights::Repacked, 4 * gb, Some(gb)));
+        // A 4 GB file: 10 GB with the repacked copies.
+        assert!(!compact_weights(CpuWeights::Auto, 4 * gb, Some(11 * gb)));
+        assert!(compact_weights(CpuWeights::Auto, 4 * gb, Some(9 * gb)));
+        assert!(!compact_weights(CpuWeights::Auto, 4 * gb, None));
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn available_memory_reads_this_machine() {
+        assert!(available_memory().is_some_and(|b| b > 0));
     }
 }
