@@ -170,6 +170,7 @@ mod attention;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_avx512;
+mod quant_portable;
 #[cfg(target_arch = "x86_64")]
 mod quant_x86;
 mod rope;

@@ -72,7 +72,7 @@ fn hsum_128(v: __m128) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s)))
 }
 
-/// Q4_K (layout in `quant::dot_q4k`): each 32 bytes of nibbles become 64 values in order, the
+/// Q4_K (layout in `quant_portable::dot_q4k`): each 32 bytes of nibbles become 64 values in order, the
 /// low nibbles in the low half and the high ones in the high half, as the activations lie.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -117,7 +117,7 @@ unsafe fn q4k<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
     out
 }
 
-/// Q6_K (layout in `quant::dot_q6k`): the raw 6-bit values (0..63), 64 in order per register,
+/// Q6_K (layout in `quant_portable::dot_q6k`): the raw 6-bit values (0..63), 64 in order per register,
 /// and the offset of 32 taken off with the activations' 16-value sums.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -173,7 +173,7 @@ unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
     out
 }
 
-/// Q8_0 (layout in `quant::dot_q8_0`): two 32-value blocks per register; the activations take
+/// Q8_0 (layout in `quant_portable::dot_q8_0`): two 32-value blocks per register; the activations take
 /// the weights' signs so `dpbusd` multiplies |w| (unsigned) with them.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]

@@ -67,7 +67,7 @@ pub(super) fn q4k_scales_mins(blk: &[u8]) -> __m128i {
     _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32)
 }
 
-/// Q4_K (layout in `quant::dot_q4k`).
+/// Q4_K (layout in `quant_portable::dot_q4k`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
@@ -118,7 +118,7 @@ unsafe fn q4k<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
     out
 }
 
-/// Q6_K (layout in `quant::dot_q6k`): the raw 6-bit values (0..63) go through `maddubs`, and
+/// Q6_K (layout in `quant_portable::dot_q6k`): the raw 6-bit values (0..63) go through `maddubs`, and
 /// the offset of 32 is taken off with the activations' 16-value sums.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -189,7 +189,7 @@ unsafe fn q6k<const R: usize>(w: &[u8], acts: &[&[ActBlock]; R]) -> [f32; R] {
     out
 }
 
-/// Q8_0 (layout in `quant::dot_q8_0`): |w| times the activations with w's sign, so `maddubs`
+/// Q8_0 (layout in `quant_portable::dot_q8_0`): |w| times the activations with w's sign, so `maddubs`
 /// takes signed weights (Q8_0 values lie in -127..=127, as do the activations).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
