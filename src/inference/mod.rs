@@ -7,6 +7,7 @@ mod cache;
 pub mod kernels;
 pub mod load;
 pub mod model;
+mod projection;
 mod queue;
 pub mod remote;
 pub mod sampling;
