@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     };
     // SAFETY: no other thread exists yet; candle reads these once, on first use.
     unsafe { synthia_bot::inference::set_cpu_threads(threads) };
+    synthia_bot::inference::tune_for_inference();
     // The interactive chat's screen holds the conversation alone.
     match &cli.command {
         Command::Chat(args)

@@ -247,6 +247,26 @@ fn cached_follow_up_equals_full_recompute() {
     );
 }
 
+/// Prompt chunks attend in blocks of query rows against the keys each block sees: a prompt of
+/// several blocks, in one chunk and in chunks that start between blocks and mid-block, gives
+/// candle's reference logits.
+#[test]
+fn long_prompts_over_several_query_blocks_match_the_reference() {
+    let dir = common::tiny_hf();
+    let loaded = load(&dir, &opts()).unwrap();
+    let model = &loaded.model;
+    let text = "USER: Tell me everything about the sea, the rivers and the rain. ".repeat(20);
+    let prompt = prompt_ids(&text);
+    assert!(prompt.len() > 300, "{} tokens", prompt.len());
+    let want = Reference::load(&dir).logits(&prompt);
+    for chunk in [512, 200, 131] {
+        let mut cache = model.new_cache();
+        let (got, _) = model.prefill(&prompt, &mut cache, chunk).unwrap();
+        let diff = max_abs_diff(&want, &got.to_vec1().unwrap());
+        assert!(diff <= 1e-4, "chunks of {chunk}: max abs diff {diff}");
+    }
+}
+
 #[test]
 fn worker_reuses_a_conversations_cache_and_evicts_lru() {
     let dir = common::tiny_hf();

@@ -251,14 +251,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let tok = loaded.tokenizer.clone();
     let ctx = model.shape.max_position;
 
-    // The first forward repacks quantised weights for the CPU kernels, once: timed apart, so
-    // the prefill figure below is what every later prompt gets.
+    // The first forward repacks quantised weights for the CPU kernels, once (the worker does
+    // it at start-up): timed apart, so the prefill figure below is what every prompt gets.
     let t = Instant::now();
-    {
-        let mut warm = model.new_cache();
-        let (l, _) = model.prefill(&synthetic_prompt(&tok, 16)?, &mut warm, 512)?;
-        model.forward(&[argmax(&l)?], &mut warm)?;
-    }
+    model.warm_up()?;
     let warmup = t.elapsed();
     // Prefill, then decode greedily from it (ignoring end-of-sequence: this measures speed).
     let room = ctx.saturating_sub(args.decode_tokens + 1).max(1);

@@ -2,6 +2,7 @@
 //! owns the model and serves every conversation of every platform, fairly, streaming text back.
 //! It knows nothing of chat platforms, prompts or memory.
 
+mod allocator;
 mod backend;
 mod cache;
 pub mod kernels;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub use allocator::tune_for_inference;
 pub use backend::Worker;
 pub use load::{LoadError, LoadOptions, LoadedModel, WeightFormat, load, load_from_settings};
 pub use model::{LlamaModel, LlamaShape, SeqCache};

@@ -251,8 +251,7 @@ impl LlamaModel {
             let [gate, up]: [Tensor; 2] = project(&[&layer.w_gate, &layer.w_up], &h, self.compact)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
-            let gate = candle_nn::ops::silu(&gate)?;
-            x = (&x1 + linear(&layer.w_down, &(gate * up)?, self.compact)?)?;
+            x = (&x1 + linear(&layer.w_down, &silu_mul(&gate, &up)?, self.compact)?)?;
         }
         for item in items.iter_mut() {
             item.cache.commit(item.tokens);
@@ -365,7 +364,10 @@ impl LlamaModel {
 
     /// A prompt chunk's attention over its host cache through candle's matrix kernels: its
     /// many query rows share every key, which the per-row kernel would convert and read again
-    /// for each row. Writes the chunk's rows of `out` (`[rows][heads][head_dim]`).
+    /// for each row. The rows go in blocks, each against only the keys its last row sees, so
+    /// the causal half of the scores is mostly never computed; the scores are scaled, masked
+    /// and normalised in place by one pass. Writes the chunk's rows of `out`
+    /// (`[rows][heads][head_dim]`).
     fn chunk_attention(
         &self,
         job: &AttendJob<'_>,
@@ -392,16 +394,28 @@ impl LlamaModel {
             )
         };
         let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
-        let att = (qt.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let att = att.broadcast_add(&self.causal_mask(t, job.start)?)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att
-            .matmul(&v)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        out[rows].copy_from_slice(&y);
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = &mut out[rows];
+        for r0 in (0..t).step_by(QUERY_BLOCK) {
+            let rb = QUERY_BLOCK.min(t - r0);
+            // Keys the block's last row sees.
+            let seen = job.start + r0 + rb;
+            let qb = qt.narrow(1, r0, rb)?.contiguous()?;
+            let scores = qb.matmul(&k.narrow(1, 0, seen)?.t()?)?;
+            let mut scores = scores.flatten_all()?.to_vec1::<f32>()?;
+            // Row `h * rb + i` is query row `r0 + i` of head `h`.
+            kernels::causal_softmax(&mut scores, seen, scale, |row| {
+                job.start + r0 + row % rb + 1
+            });
+            let probs = Tensor::from_vec(scores, (heads, rb, seen), &self.device)?;
+            let y = probs
+                .matmul(&v.narrow(1, 0, seen)?)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            out[r0 * width..(r0 + rb) * width].copy_from_slice(&y);
+        }
         Ok(())
     }
 
@@ -513,6 +527,23 @@ impl LlamaModel {
         Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)
     }
 
+    /// One short prompt and one decode step on a scratch cache, so the one-time work of the first
+    /// forward (candle repacks quantised weights for its kernels on first use, the prompt
+    /// kernels only from 32 rows) happens at start-up and not in the first user's answer.
+    pub fn warm_up(&self) -> candle_core::Result<()> {
+        let n = WARM_UP_TOKENS
+            .min(self.shape.max_position.saturating_sub(1))
+            .max(1);
+        let vocab = self.shape.vocab_size.max(1);
+        let tokens: Vec<u32> = (0..n).map(|i| (i % vocab) as u32).collect();
+        let mut cache = self.new_cache();
+        let logits = self.forward(&tokens, &mut cache)?;
+        if n < self.shape.max_position {
+            self.forward(&[argmax(&logits)?], &mut cache)?;
+        }
+        Ok(())
+    }
+
     /// Runs a prompt, reusing `cache` where it already covers a prefix of `tokens`. Returns the
     /// logits after the last token and how many tokens were reused.
     pub fn prefill(
@@ -543,6 +574,28 @@ struct Rotary {
 /// Rows of a prompt chunk from which its attention goes through candle's matrix kernels
 /// instead of our per-row kernel.
 const GEMM_ROWS: usize = 16;
+
+/// Query rows of a prompt chunk whose attention scores are computed together.
+const QUERY_BLOCK: usize = 128;
+
+/// `silu(gate) * up`: one vectorised pass for f32 tensors in host memory, candle's ops otherwise.
+fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::Storage;
+    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.shape() == up.shape() {
+        let (gs, gl) = gate.storage_and_layout();
+        let (us, ul) = up.storage_and_layout();
+        if let (Storage::Cpu(g), Storage::Cpu(u), Some((g0, g1)), Some((u0, u1))) =
+            (&*gs, &*us, gl.contiguous_offsets(), ul.contiguous_offsets())
+        {
+            let y = kernels::silu_mul(&g.as_slice::<f32>()?[g0..g1], &u.as_slice::<f32>()?[u0..u1]);
+            return Tensor::from_vec(y, gate.shape(), gate.device());
+        }
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
+/// Tokens of [`LlamaModel::warm_up`]'s prompt: enough rows for every prompt kernel candle has.
+const WARM_UP_TOKENS: usize = 48;
 
 /// Index of the largest logit.
 pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {

@@ -120,15 +120,9 @@ trait Lanes: CacheElem {
 }
 
 /// Softmax of `scores` in place; returns the reciprocal of the sum to scale the output by.
-#[inline]
+#[inline(always)]
 pub(super) fn softmax_unscaled(scores: &mut [f32]) -> f32 {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    1.0 / sum
+    1.0 / super::activation::exp_in_place(scores, 1.0)
 }
 
 macro_rules! lanes {

@@ -166,6 +166,7 @@ macro_rules! quant_block_fns {
     };
 }
 
+mod activation;
 mod attention;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
@@ -177,6 +178,7 @@ mod rope;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use activation::{causal_softmax, causal_softmax_with, silu_mul, silu_mul_with};
 pub use attention::{attend, attend_with};
 pub use rope::rope_in_place;
 

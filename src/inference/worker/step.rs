@@ -42,6 +42,11 @@ struct Active {
 
 impl State {
     pub(super) fn serve(&mut self, shared: &Shared) {
+        let started = Instant::now();
+        match self.model.warm_up() {
+            Ok(()) => tracing::info!(ms = started.elapsed().as_millis() as u64, "model warmed up"),
+            Err(e) => tracing::warn!(error = %e, "warm-up forward failed"),
+        }
         let mut active: Vec<Active> = Vec::new();
         loop {
             shared.beat();
