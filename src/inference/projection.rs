@@ -1,68 +1,109 @@
-//! Products of a step's activations with the model's weights: several weights sharing an input
-//! computed together, quantised weights through candle's kernels (repacked copies) or, with
+//! Products of a step's activations with the model's weights: weights sharing an input stacked
+//! into one matrix, quantised weights through candle's kernels (repacked copies) or, with
 //! compact CPU weights, through ours on the stored blocks.
+
+use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Module, Tensor};
 
 use super::kernels;
 
-/// Rows of a decode step (one per sequence) up to which projections sharing an input are
-/// computed together; longer prompt chunks take candle's matrix kernels one weight at a time.
-const FUSED_ROWS: usize = 16;
+/// Weights multiplied with one shared input (q/k/v, gate/up). Adjacent quantised CPU weights of
+/// one type are stacked at load into one matrix of their rows, so each step quantises the input
+/// once for all of them and one pass of the thread pool covers them (candle's prompt kernels
+/// take one weight at a time and would quantise a prompt chunk again for each). Each weight
+/// stays its own block of rows: products are the same as apart, and nothing is held twice.
+pub(crate) struct SharedInput {
+    groups: Vec<Stack>,
+}
 
-/// `x · wᵀ` for several weights sharing the input `x` (q/k/v, gate/up). Quantised weights of
-/// one type go through candle's fused kernel: the input is quantised once and one pass of the
-/// thread pool covers all of them. Anything else is multiplied one weight at a time.
-pub(crate) fn project(
-    ws: &[&QMatMul],
-    x: &Tensor,
-    compact: bool,
-) -> candle_core::Result<Vec<Tensor>> {
-    if compact && let Some(ys) = quantised(ws, x)? {
-        return Ok(ys);
-    }
-    let rows = x.elem_count() / x.dim(D::Minus1)?;
-    let mut out: Vec<Option<Tensor>> = vec![None; ws.len()];
-    if rows <= FUSED_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
-        let quantised: Vec<(usize, &QTensor)> = ws
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| match w {
-                QMatMul::QTensor(t) => Some((i, t.as_ref())),
-                _ => None,
-            })
-            .collect();
-        let mut dtypes = Vec::new();
-        for (_, t) in &quantised {
-            if !dtypes.contains(&t.dtype()) {
-                dtypes.push(t.dtype());
-            }
-        }
-        for dtype in dtypes {
-            let group: Vec<(usize, &QTensor)> = quantised
-                .iter()
-                .copied()
-                .filter(|(_, t)| t.dtype() == dtype)
-                .collect();
-            if group.len() < 2 {
-                continue;
-            }
-            let ts: Vec<&QTensor> = group.iter().map(|(_, t)| *t).collect();
-            if let Some(ys) = QTensor::gemv_fused_shared_lhs(&ts, x)? {
-                for ((i, _), y) in group.iter().zip(ys) {
-                    out[*i] = Some(y);
+/// One matrix of stacked weights and the output width each of them gives.
+struct Stack {
+    w: QMatMul,
+    widths: Vec<usize>,
+}
+
+impl SharedInput {
+    /// Stacks runs of `ws` that are quantised alike on the CPU; dense and device weights stay
+    /// apart. The stacked weights' own storage is dropped as each stack is made.
+    pub(crate) fn new(ws: Vec<QMatMul>) -> candle_core::Result<Self> {
+        let mut runs: Vec<Result<Vec<Arc<QTensor>>, QMatMul>> = Vec::new();
+        for w in ws {
+            match w {
+                QMatMul::QTensor(t) if t.device().is_cpu() => {
+                    let cols = t.shape().dims2()?.1;
+                    let last = runs.last_mut().and_then(|r| r.as_mut().ok());
+                    match last {
+                        Some(run) if run.last().is_some_and(|p| alike(p, &t, cols)) => run.push(t),
+                        _ => runs.push(Ok(vec![t])),
+                    }
                 }
+                w => runs.push(Err(w)),
             }
         }
+        let groups = runs
+            .into_iter()
+            .map(|run| match run {
+                Ok(run) => stack(run),
+                Err(w) => Ok(Stack {
+                    widths: vec![out_width(&w)?],
+                    w,
+                }),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { groups })
     }
-    ws.iter()
-        .zip(out)
-        .map(|(w, y)| match y {
-            Some(y) => Ok(y),
-            None => linear(w, x, false),
-        })
-        .collect()
+
+    /// How many matrices the weights are held in (tests check what was stacked).
+    #[cfg(test)]
+    pub(crate) fn matrices(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// `x · wᵀ` for each weight, in the order given to [`SharedInput::new`]: contiguous tensors
+    /// with the input's leading dimensions.
+    pub(crate) fn forward(&self, x: &Tensor, compact: bool) -> candle_core::Result<Vec<Tensor>> {
+        split(self.forward_stacked(x, compact)?)
+    }
+
+    /// Each matrix's product with `x`, its weights' outputs side by side along the last
+    /// dimension, and those outputs' widths.
+    pub(crate) fn forward_stacked(
+        &self,
+        x: &Tensor,
+        compact: bool,
+    ) -> candle_core::Result<Vec<(Tensor, &[usize])>> {
+        let ws: Vec<&QMatMul> = self.groups.iter().map(|g| &g.w).collect();
+        if compact && let Some(ys) = quantised(&ws, x)? {
+            return Ok(ys
+                .into_iter()
+                .zip(&self.groups)
+                .map(|(y, g)| (y, g.widths.as_slice()))
+                .collect());
+        }
+        self.groups
+            .iter()
+            .map(|g| Ok((linear(&g.w, x, compact)?, g.widths.as_slice())))
+            .collect()
+    }
+}
+
+/// [`SharedInput::forward_stacked`]'s products cut into each weight's own contiguous output.
+pub(crate) fn split(stacked: Vec<(Tensor, &[usize])>) -> candle_core::Result<Vec<Tensor>> {
+    let mut out = Vec::new();
+    for (y, widths) in stacked {
+        if let [_] = widths {
+            out.push(y);
+            continue;
+        }
+        let mut at = 0;
+        for &n in widths {
+            out.push(y.narrow(D::Minus1, at, n)?.contiguous()?);
+            at += n;
+        }
+    }
+    Ok(out)
 }
 
 /// `x · wᵀ` for every weight of `ws` through our quantised kernels, which read the stored blocks
@@ -137,5 +178,144 @@ pub(crate) fn linear(w: &QMatMul, x: &Tensor, compact: bool) -> candle_core::Res
             y.reshape(out_dims)
         }
         _ => w.forward(x),
+    }
+}
+
+/// Rows a weight gives each input row.
+fn out_width(w: &QMatMul) -> candle_core::Result<usize> {
+    match w {
+        QMatMul::QTensor(t) => t.shape().dims2().map(|d| d.0),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2().map(|d| d.0),
+    }
+}
+
+/// Whether `t` can go below `p`: the same type and row length.
+fn alike(p: &QTensor, t: &QTensor, cols: usize) -> bool {
+    p.dtype() == t.dtype() && p.shape().dims2().is_ok_and(|d| d.1 == cols)
+}
+
+/// One quantised matrix of the rows of `run` (same type and row length), in order. The byte
+/// rows of a GGUF tensor are whole blocks, so stacking is concatenating the stored bytes.
+fn stack(run: Vec<Arc<QTensor>>) -> candle_core::Result<Stack> {
+    let widths = run
+        .iter()
+        .map(|t| t.shape().dims2().map(|d| d.0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let [_, _, ..] = run.as_slice() else {
+        let t = run
+            .into_iter()
+            .next()
+            .ok_or_else(|| candle_core::Error::Msg("no weights to stack".into()))?;
+        return Ok(Stack {
+            w: QMatMul::QTensor(t),
+            widths,
+        });
+    };
+    let (dtype, cols, device) = (run[0].dtype(), run[0].shape().dims2()?.1, run[0].device());
+    let mut bytes = Vec::with_capacity(run.iter().map(|t| t.storage_size_in_bytes()).sum());
+    for t in run {
+        bytes.extend_from_slice(&t.data()?);
+    }
+    let rows = widths.iter().sum();
+    let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &bytes,
+        vec![rows, cols],
+        &device,
+    )?;
+    Ok(Stack {
+        w: QMatMul::QTensor(Arc::new(t)),
+        widths,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernels::test_data::seeded;
+    use super::*;
+    use candle_core::Device;
+    use candle_core::quantized::GgmlDType;
+
+    fn weight(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> QMatMul {
+        let t = Tensor::from_vec(seeded(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+        match dtype {
+            GgmlDType::F32 => QMatMul::Tensor(t),
+            _ => QMatMul::from_qtensor(QTensor::quantize(&t, dtype).unwrap()).unwrap(),
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn weights_quantised_alike_are_stacked_and_give_the_products_they_gave_apart() {
+        let cols = 512;
+        let parts = [
+            (GgmlDType::F32, 48),
+            (GgmlDType::Q4K, 64),
+            (GgmlDType::Q4K, 32),
+            (GgmlDType::Q6K, 32),
+            (GgmlDType::Q8_0, 16),
+            (GgmlDType::Q8_0, 48),
+        ];
+        let make = || -> Vec<QMatMul> {
+            parts
+                .iter()
+                .enumerate()
+                .map(|(i, &(dtype, rows))| weight(rows, cols, dtype, i as u64 + 1))
+                .collect()
+        };
+        let apart = make();
+        let shared = SharedInput::new(make()).unwrap();
+        // Dense apart, the two Q4_K together, Q6_K alone, the two Q8_0 together.
+        assert_eq!(shared.matrices(), 4);
+        // One row (decode), a batch, and a prompt chunk past candle's 32-row prompt kernels.
+        for m in [1, 3, 40] {
+            let x = Tensor::from_vec(seeded(m * cols, 9), (m, cols), &Device::Cpu).unwrap();
+            for compact in [false, true] {
+                let got = shared.forward(&x, compact).unwrap();
+                assert_eq!(got.len(), parts.len());
+                for (i, (g, w)) in got.iter().zip(&apart).enumerate() {
+                    let want = linear(w, &x, compact).unwrap();
+                    assert_eq!(g.dims(), want.dims(), "part {i}, {m} rows");
+                    assert!(g.is_contiguous());
+                    let (g, want) = (values(g), values(&want));
+                    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let err = g
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                    assert!(
+                        scale > 0.0 && err <= 1e-6 * scale,
+                        "part {i}, {m} rows, compact {compact}: {err} of {scale}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_outputs_lie_side_by_side_in_order() {
+        let cols = 256;
+        let shared = SharedInput::new(vec![
+            weight(16, cols, GgmlDType::Q4K, 1),
+            weight(32, cols, GgmlDType::Q4K, 2),
+        ])
+        .unwrap();
+        let x = Tensor::from_vec(seeded(2 * cols, 3), (1, 2, cols), &Device::Cpu).unwrap();
+        let stacked = shared.forward_stacked(&x, false).unwrap();
+        let [(y, widths)] = stacked.as_slice() else {
+            panic!("one matrix expected, got {}", stacked.len());
+        };
+        assert_eq!(*widths, &[16, 32][..]);
+        assert_eq!(y.dims(), &[1, 2, 48]);
+        let parts = shared.forward(&x, false).unwrap();
+        assert_eq!(parts[0].dims(), &[1, 2, 16]);
+        let y = y.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let p1 = parts[1].squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        for (row, p) in y.iter().zip(&p1) {
+            assert_eq!(&row[16..], p.as_slice());
+        }
     }
 }

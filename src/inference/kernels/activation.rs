@@ -94,29 +94,68 @@ fn softmax_avx2(row: &mut [f32], scale: f32) -> f32 {
 /// `silu(gate) * up`, element by element, with the given loops.
 pub fn silu_mul_with(isa: Isa, gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "gate and up differ in length");
-    let mut out = vec![0f32; gate.len()];
-    let addr = out.as_mut_ptr() as usize;
-    let n = gate.len();
-    let run = |chunks: std::ops::Range<usize>| {
-        let (from, to) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(n));
-        // SAFETY: units cover disjoint ranges of `out`, which outlives the pool's pass.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut((addr as *mut f32).add(from), to - from) };
-        let (g, u) = (&gate[from..to], &up[from..to]);
-        match isa {
-            // SAFETY: chosen only where AVX2 and FMA were detected.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { silu_mul_avx2(g, u, out) },
-            Isa::Portable => silu_mul_loop(g, u, out),
-        }
-    };
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), run);
-    out
+    silu_mul_rows(isa, gate, up, 1, gate.len(), gate.len())
 }
 
 /// [`silu_mul_with`] with the best loops this CPU has.
 pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
     silu_mul_with(detected_isa(), gate, up)
+}
+
+/// `silu(gate) * up` for rows that hold the gate's `width` values and then the up projection's
+/// (one product with the two weights stacked): rows of `width` values out.
+pub fn silu_mul_halves_with(isa: Isa, rows: &[f32], width: usize) -> Vec<f32> {
+    assert!(
+        width > 0 && rows.len().is_multiple_of(2 * width),
+        "rows of gate and up side by side expected"
+    );
+    silu_mul_rows(
+        isa,
+        rows,
+        &rows[width..],
+        rows.len() / (2 * width),
+        width,
+        2 * width,
+    )
+}
+
+/// [`silu_mul_halves_with`] with the best loops this CPU has.
+pub fn silu_mul_halves(rows: &[f32], width: usize) -> Vec<f32> {
+    silu_mul_halves_with(detected_isa(), rows, width)
+}
+
+/// `rows` rows of `width` results, row `r`'s inputs read at `r * stride` of `gate` and `up`.
+fn silu_mul_rows(
+    isa: Isa,
+    gate: &[f32],
+    up: &[f32],
+    rows: usize,
+    width: usize,
+    stride: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * width];
+    let addr = out.as_mut_ptr() as usize;
+    let per_row = width.div_ceil(CHUNK);
+    let run = |units: std::ops::Range<usize>| {
+        for unit in units {
+            let (r, from) = (unit / per_row, (unit % per_row) * CHUNK);
+            let to = (from + CHUNK).min(width);
+            // SAFETY: units cover disjoint ranges of `out`, which outlives the pool's pass.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut((addr as *mut f32).add(r * width + from), to - from)
+            };
+            let at = r * stride;
+            let (g, u) = (&gate[at + from..at + to], &up[at + from..at + to]);
+            match isa {
+                // SAFETY: chosen only where AVX2 and FMA were detected.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { silu_mul_avx2(g, u, out) },
+                Isa::Portable => silu_mul_loop(g, u, out),
+            }
+        }
+    };
+    candle_core::utils::barrier_pool().execute_chunked(rows * per_row, run);
+    out
 }
 
 /// Causal softmax of attention scores in place: `scores` is rows of `width` values, row `i`
@@ -216,6 +255,28 @@ mod tests {
             got[0].abs() < 1e-30 && got[1].abs() < 1e-30 && got[2] == 200.0,
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn silu_mul_halves_matches_the_separate_tensors_in_every_loop_set() {
+        let (rows, width) = (5, CHUNK + 300);
+        let y: Vec<f32> = seeded(rows * 2 * width, 3)
+            .iter()
+            .map(|v| v * 20.0)
+            .collect();
+        let (gate, up): (Vec<f32>, Vec<f32>) = (
+            y.chunks(width).step_by(2).flatten().copied().collect(),
+            y.chunks(width)
+                .skip(1)
+                .step_by(2)
+                .flatten()
+                .copied()
+                .collect(),
+        );
+        for isa in isas() {
+            let got = silu_mul_halves_with(isa, &y, width);
+            assert_eq!(got, silu_mul_with(isa, &gate, &up), "{isa:?}");
+        }
     }
 
     #[test]

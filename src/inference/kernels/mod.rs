@@ -178,12 +178,15 @@ mod rope;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use activation::{causal_softmax, causal_softmax_with, silu_mul, silu_mul_with};
+pub use activation::{
+    causal_softmax, causal_softmax_with, silu_mul, silu_mul_halves, silu_mul_halves_with,
+    silu_mul_with,
+};
 pub use attention::{attend, attend_with};
 pub use rope::rope_in_place;
 
 #[cfg(test)]
-mod test_data {
+pub(crate) mod test_data {
     /// Seeded values in [-1, 1).
     pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

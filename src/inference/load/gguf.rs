@@ -207,28 +207,20 @@ pub(super) fn load_gguf(
             note(q.dtype());
             QMatMul::from_qtensor(q).map_err(|e| read_err(e.to_string()))
         };
-        let (wq, wk, wv, wo) = (
+        let qkv = [
             lin(LayerWeight::Q)?,
             lin(LayerWeight::K)?,
             lin(LayerWeight::V)?,
-            lin(LayerWeight::O)?,
+        ];
+        let wo = lin(LayerWeight::O)?;
+        let gate_up = [lin(LayerWeight::Gate)?, lin(LayerWeight::Up)?];
+        let w_down = lin(LayerWeight::Down)?;
+        let attn_norm = dense(qt(&LayerWeight::AttnNorm.gguf_name(l))?)?;
+        let ffn_norm = dense(qt(&LayerWeight::FfnNorm.gguf_name(l))?)?;
+        layers.push(
+            Layer::new(attn_norm, qkv, wo, ffn_norm, gate_up, w_down)
+                .map_err(|e| read_err(format!("layer {l}: {e}")))?,
         );
-        let (w_gate, w_up, w_down) = (
-            lin(LayerWeight::Gate)?,
-            lin(LayerWeight::Up)?,
-            lin(LayerWeight::Down)?,
-        );
-        layers.push(Layer {
-            attn_norm: dense(qt(&LayerWeight::AttnNorm.gguf_name(l))?)?,
-            wq,
-            wk,
-            wv,
-            wo,
-            ffn_norm: dense(qt(&LayerWeight::FfnNorm.gguf_name(l))?)?,
-            w_gate,
-            w_up,
-            w_down,
-        });
     }
     progress.finish();
     let mut model = LlamaModel::new(

@@ -248,17 +248,26 @@ pub(super) fn load_safetensors_dir(
     let mut layers = Vec::with_capacity(shape.num_layers);
     for l in 0..shape.num_layers {
         let name = |w: LayerWeight| w.hf_name(l);
-        layers.push(Layer {
-            attn_norm: get(&name(LayerWeight::AttnNorm))?,
-            wq: linear(&name(LayerWeight::Q))?,
-            wk: linear(&name(LayerWeight::K))?,
-            wv: linear(&name(LayerWeight::V))?,
-            wo: linear(&name(LayerWeight::O))?,
-            ffn_norm: get(&name(LayerWeight::FfnNorm))?,
-            w_gate: linear(&name(LayerWeight::Gate))?,
-            w_up: linear(&name(LayerWeight::Up))?,
-            w_down: linear(&name(LayerWeight::Down))?,
-        });
+        let attn_norm = get(&name(LayerWeight::AttnNorm))?;
+        let qkv = [
+            linear(&name(LayerWeight::Q))?,
+            linear(&name(LayerWeight::K))?,
+            linear(&name(LayerWeight::V))?,
+        ];
+        let wo = linear(&name(LayerWeight::O))?;
+        let ffn_norm = get(&name(LayerWeight::FfnNorm))?;
+        let gate_up = [
+            linear(&name(LayerWeight::Gate))?,
+            linear(&name(LayerWeight::Up))?,
+        ];
+        let w_down = linear(&name(LayerWeight::Down))?;
+        let layer = Layer::new(attn_norm, qkv, wo, ffn_norm, gate_up, w_down).map_err(|e| {
+            LoadError::Read {
+                path: ckpt.weight_path.clone(),
+                message: format!("layer {l}: {e}"),
+            }
+        })?;
+        layers.push(layer);
     }
     let norm = get(GlobalWeight::Norm.hf())?;
     progress.into_inner().finish();

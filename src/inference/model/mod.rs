@@ -7,8 +7,10 @@ use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Tensor};
 
 pub use super::cache::SeqCache;
-use super::kernels::{self, AttendJob, Heads};
-use super::projection::{linear, project};
+use super::kernels;
+use super::projection::{SharedInput, linear, split};
+
+mod attention;
 
 /// Architecture numbers of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,15 +35,36 @@ impl LlamaShape {
 }
 
 pub(crate) struct Layer {
-    pub attn_norm: Tensor,
-    pub wq: QMatMul,
-    pub wk: QMatMul,
-    pub wv: QMatMul,
-    pub wo: QMatMul,
-    pub ffn_norm: Tensor,
-    pub w_gate: QMatMul,
-    pub w_up: QMatMul,
-    pub w_down: QMatMul,
+    attn_norm: Tensor,
+    /// q, k and v, stacked where they are quantised alike.
+    qkv: SharedInput,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    /// gate and up, stacked where they are quantised alike.
+    gate_up: SharedInput,
+    w_down: QMatMul,
+}
+
+impl Layer {
+    /// A layer of the given weights; q/k/v and gate/up are stacked here where they can be.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        attn_norm: Tensor,
+        [wq, wk, wv]: [QMatMul; 3],
+        wo: QMatMul,
+        ffn_norm: Tensor,
+        [w_gate, w_up]: [QMatMul; 2],
+        w_down: QMatMul,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            attn_norm,
+            qkv: SharedInput::new(vec![wq, wk, wv])?,
+            wo,
+            ffn_norm,
+            gate_up: SharedInput::new(vec![w_gate, w_up])?,
+            w_down,
+        })
+    }
 }
 
 pub struct LlamaModel {
@@ -231,10 +254,11 @@ impl LlamaModel {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, s.rms_norm_eps as f32)?;
-            let [q, k, v]: [Tensor; 3] =
-                project(&[&layer.wq, &layer.wk, &layer.wv], &h, self.compact)?
-                    .try_into()
-                    .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&h, self.compact)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("three projections expected".into()))?;
             let y = match self.cache {
                 CacheKind::Host { half } => {
                     self.host_attention(li, items, &spans, &positions, &q, &k, &v, half)?
@@ -248,10 +272,8 @@ impl LlamaModel {
             };
             let x1 = (&x + linear(&layer.wo, &y, self.compact)?)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, s.rms_norm_eps as f32)?;
-            let [gate, up]: [Tensor; 2] = project(&[&layer.w_gate, &layer.w_up], &h, self.compact)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("two projections expected".into()))?;
-            x = (&x1 + linear(&layer.w_down, &silu_mul(&gate, &up)?, self.compact)?)?;
+            let act = gated(&layer.gate_up, &h, self.compact)?;
+            x = (&x1 + linear(&layer.w_down, &act, self.compact)?)?;
         }
         for item in items.iter_mut() {
             item.cache.commit(item.tokens);
@@ -266,265 +288,6 @@ impl LlamaModel {
         linear(&self.lm_head, &x, self.compact)?
             .to_dtype(DType::F32)?
             .contiguous()
-    }
-
-    /// Rotary tables for the step's positions and a causal mask per prompt chunk.
-    fn rotary(
-        &self,
-        spans: &[(usize, usize, usize)],
-        positions: &[u32],
-    ) -> candle_core::Result<Rotary> {
-        let (cos, sin) = if spans.len() == 1 {
-            let (_, t, pos) = spans[0];
-            (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
-        } else {
-            let pos = Tensor::new(positions, &self.device)?;
-            (
-                self.cos.index_select(&pos, 0)?,
-                self.sin.index_select(&pos, 0)?,
-            )
-        };
-        let masks = spans
-            .iter()
-            .map(|&(_, t, pos)| {
-                if t > 1 {
-                    self.causal_mask(t, pos).map(Some)
-                } else {
-                    Ok(None)
-                }
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Rotary { cos, sin, masks })
-    }
-
-    /// Attention on the CPU: the projections' rows rotated in place, this step's keys and values
-    /// written into each sequence's host cache, and our kernel over all sequences at once.
-    /// Returns `[1, n, heads * head_dim]`.
-    #[allow(clippy::too_many_arguments)]
-    fn host_attention(
-        &self,
-        li: usize,
-        items: &mut [BatchItem<'_>],
-        spans: &[(usize, usize, usize)],
-        positions: &[u32],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        half: bool,
-    ) -> candle_core::Result<Tensor> {
-        let s = &self.shape;
-        let (d, n) = (s.head_dim, positions.len());
-        let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
-        let vh = v.flatten_all()?.to_vec1::<f32>()?;
-        let (cos, sin, il) = (&self.host_cos, &self.host_sin, self.interleaved_rope);
-        kernels::rope_in_place(&mut qh, s.num_heads, d, positions, cos, sin, il);
-        kernels::rope_in_place(&mut kh, s.num_kv_heads, d, positions, cos, sin, il);
-        let width = s.num_kv_heads * d;
-        for (item, &(off, t, _)) in items.iter_mut().zip(spans) {
-            let rows = off * width..(off + t) * width;
-            item.cache.append_host(
-                li,
-                &kh[rows.clone()],
-                &vh[rows],
-                s.num_kv_heads,
-                d,
-                half,
-                s.max_position,
-            );
-        }
-        let jobs = items
-            .iter()
-            .zip(spans)
-            .map(|(item, &(off, t, pos))| {
-                let (kv, head_stride) = item.cache.host_view(li, pos + t)?;
-                Ok(AttendJob {
-                    row: off,
-                    rows: t,
-                    start: pos,
-                    kv,
-                    head_stride,
-                })
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let heads = Heads {
-            heads: s.num_heads,
-            kv_heads: s.num_kv_heads,
-            head_dim: d,
-        };
-        let mut out = vec![0f32; n * s.num_heads * d];
-        let scale = 1.0 / (d as f32).sqrt();
-        let (chunks, rows): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.rows >= GEMM_ROWS);
-        kernels::attend(heads, &rows, &qh, &mut out, scale);
-        for job in &chunks {
-            self.chunk_attention(job, &qh, &mut out)?;
-        }
-        Tensor::from_vec(out, (1, n, s.num_heads * d), &self.device)
-    }
-
-    /// A prompt chunk's attention over its host cache through candle's matrix kernels: its
-    /// many query rows share every key, which the per-row kernel would convert and read again
-    /// for each row. The rows go in blocks, each against only the keys its last row sees, so
-    /// the causal half of the scores is mostly never computed; the scores are scaled, masked
-    /// and normalised in place by one pass. Writes the chunk's rows of `out`
-    /// (`[rows][heads][head_dim]`).
-    fn chunk_attention(
-        &self,
-        job: &AttendJob<'_>,
-        q: &[f32],
-        out: &mut [f32],
-    ) -> candle_core::Result<()> {
-        let s = &self.shape;
-        let (d, heads, kv_heads) = (s.head_dim, s.num_heads, s.num_kv_heads);
-        let (t, keys, width) = (job.rows, job.start + job.rows, heads * d);
-        let rows = job.row * width..(job.row + t) * width;
-        let qt = Tensor::from_slice(&q[rows.clone()], (t, heads, d), &self.device)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let (k, v) = kernels::head_major_f32(job, kv_heads, d, keys);
-        let k = Tensor::from_vec(k, (1, kv_heads, keys, d), &self.device)?;
-        let v = Tensor::from_vec(v, (1, kv_heads, keys, d), &self.device)?;
-        let n_rep = heads / kv_heads;
-        let (k, v) = if n_rep == 1 {
-            (k, v)
-        } else {
-            (
-                candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?,
-                candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?,
-            )
-        };
-        let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
-        let scale = 1.0 / (d as f32).sqrt();
-        let out = &mut out[rows];
-        for r0 in (0..t).step_by(QUERY_BLOCK) {
-            let rb = QUERY_BLOCK.min(t - r0);
-            // Keys the block's last row sees.
-            let seen = job.start + r0 + rb;
-            let qb = qt.narrow(1, r0, rb)?.contiguous()?;
-            let scores = qb.matmul(&k.narrow(1, 0, seen)?.t()?)?;
-            let mut scores = scores.flatten_all()?.to_vec1::<f32>()?;
-            // Row `h * rb + i` is query row `r0 + i` of head `h`.
-            kernels::causal_softmax(&mut scores, seen, scale, |row| {
-                job.start + r0 + row % rb + 1
-            });
-            let probs = Tensor::from_vec(scores, (heads, rb, seen), &self.device)?;
-            let y = probs
-                .matmul(&v.narrow(1, 0, seen)?)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            out[r0 * width..(r0 + rb) * width].copy_from_slice(&y);
-        }
-        Ok(())
-    }
-
-    /// Attention through candle ops, cache in device tensors (GPU, or a CPU model not in f32).
-    /// Returns `[1, n, heads * head_dim]`.
-    #[allow(clippy::too_many_arguments)]
-    fn tensor_attention(
-        &self,
-        li: usize,
-        items: &mut [BatchItem<'_>],
-        spans: &[(usize, usize, usize)],
-        rotary: &Rotary,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let s = &self.shape;
-        let n: usize = spans.iter().map(|&(_, t, _)| t).sum();
-        let (cos, sin, masks) = (&rotary.cos, &rotary.sin, &rotary.masks);
-        let scale = 1.0 / (s.head_dim as f64).sqrt();
-        let n_rep = s.num_heads / s.num_kv_heads;
-        let single = items.len() == 1;
-        let q = q
-            .reshape((1, n, s.num_heads, s.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = k
-            .reshape((1, n, s.num_kv_heads, s.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = v
-            .reshape((1, n, s.num_kv_heads, s.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let (q, k) = if self.interleaved_rope {
-            (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            )
-        };
-        // Attention is per sequence: each looks only at its own cache.
-        let mut ys = Vec::with_capacity(items.len());
-        for ((item, &(off, t, _)), mask) in items.iter_mut().zip(spans).zip(masks) {
-            let (qi, ki, vi) = if single {
-                (q.clone(), k.clone(), v.clone())
-            } else {
-                (
-                    q.narrow(2, off, t)?.contiguous()?,
-                    k.narrow(2, off, t)?.contiguous()?,
-                    v.narrow(2, off, t)?.contiguous()?,
-                )
-            };
-            let (kall, vall) = item.cache.append_tensors(li, &ki, &vi, s.max_position)?;
-            // Views into the cache buffers work as they are; only grouped-query heads need
-            // expanding (a copy).
-            let (kall, vall) = if n_rep == 1 {
-                (kall, vall)
-            } else {
-                (
-                    candle_transformers::utils::repeat_kv(kall.contiguous()?, n_rep)?
-                        .contiguous()?,
-                    candle_transformers::utils::repeat_kv(vall.contiguous()?, n_rep)?
-                        .contiguous()?,
-                )
-            };
-            let att = (qi.matmul(&kall.t()?)? * scale)?;
-            let att = match mask {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            };
-            let att = if self.dtype == DType::F32 {
-                candle_nn::ops::softmax_last_dim(&att)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
-                    .to_dtype(self.dtype)?
-            };
-            ys.push(att.matmul(&vall)?);
-        }
-        let y = if single {
-            ys.remove(0)
-        } else {
-            Tensor::cat(&ys, 2)?
-        };
-        let y = y
-            .transpose(1, 2)?
-            .reshape((1, n, s.num_heads * s.head_dim))?;
-        Ok(y)
-    }
-
-    /// Position i (absolute `offset + i`) may look at keys 0..=offset+i.
-    fn causal_mask(&self, t: usize, offset: usize) -> candle_core::Result<Tensor> {
-        let total = offset + t;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j > offset + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)
     }
 
     /// One short prompt and one decode step on a scratch cache, so the one-time work of the first
@@ -564,19 +327,31 @@ impl LlamaModel {
     }
 }
 
-/// The candle path's rotary tables for a step's positions and each sequence's causal mask.
-struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
-    masks: Vec<Option<Tensor>>,
+/// `silu(h · gateᵀ) * (h · upᵀ)`. With gate and up stacked in one matrix its f32 product on the
+/// host is read in place, each row's two halves; otherwise the two products go to [`silu_mul`].
+fn gated(gate_up: &SharedInput, h: &Tensor, compact: bool) -> candle_core::Result<Tensor> {
+    use candle_core::Storage;
+    let ys = gate_up.forward_stacked(h, compact)?;
+    if let [(y, [width, up])] = ys.as_slice()
+        && width == up
+        && y.dtype() == DType::F32
+    {
+        let (storage, layout) = y.storage_and_layout();
+        if let (Storage::Cpu(c), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            let out = kernels::silu_mul_halves(&c.as_slice::<f32>()?[a..b], *width);
+            let mut dims = y.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = *width;
+            }
+            return Tensor::from_vec(out, dims, y.device());
+        }
+    }
+    let parts = split(ys)?;
+    let [gate, up] = parts.as_slice() else {
+        candle_core::bail!("two projections expected");
+    };
+    silu_mul(gate, up)
 }
-
-/// Rows of a prompt chunk from which its attention goes through candle's matrix kernels
-/// instead of our per-row kernel.
-const GEMM_ROWS: usize = 16;
-
-/// Query rows of a prompt chunk whose attention scores are computed together.
-const QUERY_BLOCK: usize = 128;
 
 /// `silu(gate) * up`: one vectorised pass for f32 tensors in host memory, candle's ops otherwise.
 fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
