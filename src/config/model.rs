@@ -44,14 +44,16 @@ pub enum KvCacheDType {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuWeights {
-    /// `repacked` when the file fits two and a half times in the memory available at load,
-    /// `compact` otherwise.
+    /// `compact` on CPUs with AVX2 but not AVX-512, where our kernels are the faster; with
+    /// AVX-512, `repacked` when the file fits two and a half times in the memory available at
+    /// load, `compact` otherwise.
     #[default]
     Auto,
     /// candle's kernels, the fastest on AVX-512 CPUs, which keep a tiled copy of each weight
     /// beside the stored one (about 2.3 times the file once a prompt has run).
     Repacked,
-    /// Our kernels on the stored blocks: one copy of the weights, about half the memory.
+    /// Our kernels on the stored blocks: one copy of the weights, about half the memory; the
+    /// faster kernels where the CPU has AVX2 but not AVX-512.
     Compact,
 }
 

@@ -236,7 +236,12 @@ pub(super) fn load_gguf(
     .map_err(|e| read_err(e.to_string()))?;
     model.use_f32_cache(opts.kv_cache == KvCacheDType::F32);
     let weight_bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
-    let compact = super::compact_weights(opts.cpu_weights, weight_bytes, super::available_memory());
+    let compact = super::compact_weights(
+        opts.cpu_weights,
+        weight_bytes,
+        super::available_memory(),
+        super::Loops::detected(),
+    );
     model.use_compact_weights(compact);
     tracing::info!(
         compact = model.compact_weights(),
