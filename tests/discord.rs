@@ -102,7 +102,17 @@ async fn stored_reply_to(store: &Store, key: &ConversationKey, question: &str) -
 }
 
 async fn wait_reply(store: &Store, key: &ConversationKey, question: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_reply_within(store, key, question, Duration::from_secs(60)).await
+}
+
+/// `wait_reply` for a reply that takes long to generate: a guard against a hang, not a timing.
+async fn wait_reply_within(
+    store: &Store,
+    key: &ConversationKey,
+    question: &str,
+    limit: Duration,
+) -> String {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(r) = stored_reply_to(store, key, question).await {
             return r;
@@ -241,7 +251,9 @@ async fn a_long_answer_continues_in_new_messages() {
     let bot = start(|s| s.model.max_new_tokens = 1800).await;
     bot.fake
         .dispatch("MESSAGE_CREATE", mention(7101, "tell me everything"));
-    let stored = wait_reply(&bot.store, &channel_key(), "7101").await;
+    // 1,800 tokens from the unoptimised test build: about 50 s on two busy cores.
+    let stored =
+        wait_reply_within(&bot.store, &channel_key(), "7101", Duration::from_secs(300)).await;
     assert!(
         stored.chars().count() >= 5000,
         "a long answer: {} chars",

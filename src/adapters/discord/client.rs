@@ -58,22 +58,20 @@ impl DiscordClient {
         };
         let rest = Arc::new(Rest::new(Arc::new(http()), pool.clone()));
         let http = http();
-        rest.limiter().acquire(Priority::Normal).await;
-        let gateway = http
-            .get_gateway()
-            .await
-            .map_err(|e| connect_error(&e, base))?;
+        let slot = rest.limiter().acquire(Priority::Normal).await;
+        let gateway = http.get_gateway().await;
+        drop(slot);
+        let gateway = gateway.map_err(|e| connect_error(&e, base))?;
         if base != DISCORD_BASE && !is_loopback_or_same_host(&gateway.url, base) {
             return Err(ConnectError::Misconfigured(format!(
                 "the API at {base} sent a gateway on another host ({}); refusing to connect",
                 gateway.url
             )));
         }
-        rest.limiter().acquire(Priority::Normal).await;
-        let me = http
-            .get_current_user()
-            .await
-            .map_err(|e| connect_error(&e, base))?;
+        let slot = rest.limiter().acquire(Priority::Normal).await;
+        let me = http.get_current_user().await;
+        drop(slot);
+        let me = me.map_err(|e| connect_error(&e, base))?;
         let intents = GatewayIntents::GUILDS
             | GatewayIntents::GUILD_MESSAGES
             | GatewayIntents::DIRECT_MESSAGES

@@ -76,14 +76,18 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// At most `limit` requests start within any `window`. Waiting callers queue in arrival order
+/// At most `limit` requests start within any `window`, and a request keeps its slot until a
+/// `window` after its answer came back: however late a request reaches Discord (it arrives
+/// between its start and its answer), no window there can hold more than `limit` of them, on a
+/// slow connection or a busy machine alike. Waiting callers queue in arrival order
 /// within their [`Priority`], and a free slot goes to an urgent caller before any other: under
 /// load, answers' first posts and final texts do not wait behind queue notices. A 429 that
 /// Discord marks global pauses everyone.
 pub(super) struct Limiter {
     limit: usize,
     window: Duration,
-    sent: std::sync::Mutex<VecDeque<Instant>>,
+    /// The slots taken: `None` while the request is out, then when its answer came.
+    slots: std::sync::Mutex<Slots>,
     /// One line per priority: its first caller is the one that watches the slots.
     urgent_line: tokio::sync::Mutex<()>,
     normal_line: tokio::sync::Mutex<()>,
@@ -94,13 +98,51 @@ pub(super) struct Limiter {
 
 /// How often a normal caller looks again while urgent ones take the free slots.
 const YIELD_TO_URGENT: Duration = Duration::from_millis(2);
+/// The limiter's taken slots, by id.
+#[derive(Default)]
+struct Slots {
+    next_id: u64,
+    taken: VecDeque<(u64, Option<Instant>)>,
+}
+
+impl Slots {
+    fn take(&mut self) -> u64 {
+        self.next_id += 1;
+        self.taken.push_back((self.next_id, None));
+        self.next_id
+    }
+
+    /// Frees the slots whose answers came a `window` or more before `now`.
+    fn free_before(&mut self, now: Instant, window: Duration) {
+        self.taken
+            .retain(|(_, done)| done.is_none_or(|d| now.duration_since(d) < window));
+    }
+}
+
+/// A request's place in the limiter: held while the request is out; dropping it (the answer
+/// came, or the request was given up) starts the window after which the place frees.
+#[must_use = "the slot is the request's place until its answer comes"]
+pub(super) struct Slot<'a> {
+    limiter: &'a Limiter,
+    id: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut slots = self.limiter.slots();
+        if let Some(entry) = slots.taken.iter_mut().find(|(id, _)| *id == self.id) {
+            entry.1 = Some(now);
+        }
+    }
+}
 
 impl Limiter {
     pub(super) fn new(limit: usize, window: Duration) -> Self {
         Self {
             limit: limit.max(1),
             window,
-            sent: std::sync::Mutex::new(VecDeque::new()),
+            slots: std::sync::Mutex::new(Slots::default()),
             urgent_line: tokio::sync::Mutex::new(()),
             normal_line: tokio::sync::Mutex::new(()),
             urgent_waiting: AtomicUsize::new(0),
@@ -109,13 +151,8 @@ impl Limiter {
         }
     }
 
-    fn prune(&self, sent: &mut VecDeque<Instant>, now: Instant) {
-        while sent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
-        {
-            sent.pop_front();
-        }
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn pause_left(&self) -> Option<Duration> {
@@ -127,24 +164,33 @@ impl Limiter {
 
     /// Takes a slot if `priority` may have one now; otherwise how long to wait before looking
     /// again.
-    fn take_or_wait(&self, priority: Priority) -> Option<Duration> {
-        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+    fn take_or_wait(&self, priority: Priority) -> Result<Slot<'_>, Duration> {
+        let mut slots = self.slots();
         let now = Instant::now();
-        self.prune(&mut sent, now);
-        if sent.len() >= self.limit {
-            let oldest = sent.front().copied().unwrap_or(now);
-            return Some(self.window.saturating_sub(now.duration_since(oldest)));
+        slots.free_before(now, self.window);
+        if slots.taken.len() >= self.limit {
+            // The earliest answered slot frees a window after its answer; one still out
+            // frees no sooner than a window from now.
+            let next = slots
+                .taken
+                .iter()
+                .filter_map(|(_, done)| *done)
+                .min()
+                .map(|done| self.window.saturating_sub(now.duration_since(done)));
+            return Err(next.unwrap_or(self.window));
         }
         if priority == Priority::Normal && self.urgent_waiting.load(Ordering::Acquire) > 0 {
-            return Some(YIELD_TO_URGENT);
+            return Err(YIELD_TO_URGENT);
         }
-        sent.push_back(now);
-        None
+        Ok(Slot {
+            limiter: self,
+            id: slots.take(),
+        })
     }
 
     /// Waits for a slot, behind every caller of the same priority that came first, and behind
     /// every urgent one.
-    pub(super) async fn acquire(&self, priority: Priority) {
+    pub(super) async fn acquire(&self, priority: Priority) -> Slot<'_> {
         let (line, count) = match priority {
             Priority::Urgent => (&self.urgent_line, &self.urgent_waiting),
             Priority::Normal => (&self.normal_line, &self.normal_waiting),
@@ -157,21 +203,21 @@ impl Limiter {
                 continue;
             }
             match self.take_or_wait(priority) {
-                None => return,
-                Some(wait) => tokio::time::sleep(wait).await,
+                Ok(slot) => return slot,
+                Err(wait) => tokio::time::sleep(wait).await,
             }
         }
     }
 
     /// A slot only if one is free now and nobody waits: for requests that may be skipped.
-    pub(super) fn try_acquire(&self) -> bool {
+    pub(super) fn try_acquire(&self) -> Option<Slot<'_>> {
         if self.pause_left().is_some()
             || self.urgent_waiting.load(Ordering::Acquire) > 0
             || self.normal_waiting.load(Ordering::Acquire) > 0
         {
-            return false;
+            return None;
         }
-        self.take_or_wait(Priority::Urgent).is_none()
+        self.take_or_wait(Priority::Urgent).ok()
     }
 
     /// Discord said every request must wait (a global 429).
@@ -279,9 +325,7 @@ impl Rest {
     /// Sends `req` once, taking a slot only if one is free now: a request worth skipping
     /// rather than queueing behind replies (typing). `None` when skipped.
     pub(super) async fn try_once(&self, req: Request<'_>) -> Option<Result<(), RestError>> {
-        if !self.limiter.try_acquire() {
-            return None;
-        }
+        let _slot = self.limiter.try_acquire()?;
         Some(match self.try_send(req).await {
             Tried::Done(_) => Ok(()),
             Tried::Again { why, .. } => Err(RestError::Unavailable {
@@ -303,8 +347,10 @@ impl Rest {
         let (mut backoff, mut attempt) = (FIRST_BACKOFF, 0);
         loop {
             attempt += 1;
-            self.limiter.acquire(priority).await;
-            let (why, asked) = match self.try_send(req.clone()).await {
+            let slot = self.limiter.acquire(priority).await;
+            let tried = self.try_send(req.clone()).await;
+            drop(slot);
+            let (why, asked) = match tried {
                 Tried::Done(body) => return Ok(body),
                 Tried::Failed(e) => return Err(e),
                 Tried::Again { why, wait } => (why, wait),
@@ -441,7 +487,7 @@ mod tests {
             .map(|_| {
                 let l = limiter.clone();
                 tokio::spawn(async move {
-                    l.acquire(Priority::Normal).await;
+                    drop(l.acquire(Priority::Normal).await);
                     Instant::now()
                 })
             })
@@ -463,7 +509,39 @@ mod tests {
             took >= Duration::from_millis(400) && took < Duration::from_millis(900),
             "{took:?}"
         );
-        assert!(!limiter.try_acquire(), "the window is full");
+        assert!(limiter.try_acquire().is_none(), "the window is full");
+    }
+
+    /// A request still out keeps its slot, and the slot frees only a window after its answer:
+    /// requests that reach Discord late cannot crowd a window there.
+    #[tokio::test]
+    async fn a_slot_frees_a_window_after_its_answer_not_after_its_start() {
+        let window = Duration::from_millis(100);
+        let limiter = Arc::new(Limiter::new(2, window));
+        let started = Instant::now();
+        let a = limiter.acquire(Priority::Normal).await;
+        let b = limiter.acquire(Priority::Normal).await;
+        let third = {
+            let l = limiter.clone();
+            tokio::spawn(async move {
+                drop(l.acquire(Priority::Normal).await);
+                Instant::now()
+            })
+        };
+        // Both requests are out for longer than a window.
+        tokio::time::sleep(Duration::from_millis(180)).await;
+        assert!(limiter.try_acquire().is_none(), "slots are held while out");
+        assert!(!third.is_finished(), "no slot while both requests are out");
+        let answered = Instant::now();
+        drop(a);
+        drop(b);
+        let got = third.await.unwrap();
+        assert!(
+            got.duration_since(answered) >= window,
+            "the slot freed {:?} after the answer",
+            got.duration_since(answered)
+        );
+        assert!(got.duration_since(started) < Duration::from_millis(600));
     }
 
     /// With the window full, urgent callers that came last get the next slots before normal
@@ -471,13 +549,13 @@ mod tests {
     #[tokio::test]
     async fn urgent_requests_take_free_slots_before_normal_ones() {
         let limiter = Arc::new(Limiter::new(2, Duration::from_millis(150)));
-        limiter.acquire(Priority::Normal).await;
-        limiter.acquire(Priority::Normal).await;
+        drop(limiter.acquire(Priority::Normal).await);
+        drop(limiter.acquire(Priority::Normal).await);
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let spawn = |priority: Priority, name: &'static str| {
             let (l, order) = (limiter.clone(), order.clone());
             tokio::spawn(async move {
-                l.acquire(priority).await;
+                drop(l.acquire(priority).await);
                 order.lock().unwrap().push((name, Instant::now()));
             })
         };

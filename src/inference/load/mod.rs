@@ -142,6 +142,8 @@ impl Default for LoadOptions {
 /// faster, so `auto` keeps them while the copies, which bring the weights to about 2.3 times the
 /// file, fit in `available` bytes with room to spare. Unknown free memory keeps them too. Without
 /// our loops there is nothing to choose: candle's kernels run.
+// Elsewhere only portable loops exist, and the memory rule's inputs go unread.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn compact_weights(
     choice: CpuWeights,
     file_bytes: u64,
