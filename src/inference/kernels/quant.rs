@@ -76,14 +76,16 @@ impl<'a> QWeight<'a> {
 }
 
 /// 256 activations as 8-bit integers: value `i` is `d32[i / 32] * qs[i]`. For the K-quants one
-/// scale covers all 256 (`d`, repeated in `d32`) and `sums` holds the sum of each 16 `qs`,
-/// which the weights' offsets and minimums multiply; for Q8_0 weights each 32 values have their
-/// own scale, as llama.cpp quantises them for those weights.
+/// scale covers all 256 (`d`, repeated in `d32`) and `sums` holds the sum of each 16 `qs` and
+/// `sums32` of each 32, which the weights' offsets (16-value sub-blocks) and minimums (32-value
+/// sub-blocks) multiply; for Q8_0 weights each 32 values have their own scale, as llama.cpp
+/// quantises them for those weights.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct ActBlock {
     pub qs: [i8; QK],
     pub sums: [i16; QK / 16],
+    pub sums32: [i16; QK / 32],
     pub d: f32,
     pub d32: [f32; QK / 32],
 }
@@ -92,6 +94,7 @@ impl ActBlock {
     const ZERO: Self = Self {
         qs: [0; QK],
         sums: [0; QK / 16],
+        sums32: [0; QK / 32],
         d: 0.0,
         d32: [0.0; QK / 32],
     };
@@ -118,6 +121,9 @@ impl ActBlock {
         }
         for (s, chunk) in b.sums.iter_mut().zip(b.qs.chunks_exact(16)) {
             *s = chunk.iter().map(|&q| q as i16).sum();
+        }
+        for (s, pair) in b.sums32.iter_mut().zip(b.sums.chunks_exact(2)) {
+            *s = pair[0] + pair[1];
         }
         b.d = 1.0 / iscale;
         b.d32 = [b.d; QK / 32];
